@@ -1,0 +1,1 @@
+"""Plain-torch references: the specification of every fastdiff op."""
