@@ -1,0 +1,471 @@
+"""Sampler updates as coefficient rows for the one fused ``sampler_step`` pass.
+
+Each ``*_coefs`` function maps schedule values (per-sample tensors of shape
+(B,), or whole tables of shape (T,)) to coefficient rows (..., 9) in the
+column order of :mod:`fastdiff.reference.sampler_step`.  Built for a whole
+table once (a scheduler's ``set_timesteps``), a step costs one gather inside
+the kernel (``index``); the ``*_step`` functions build rows for the batch and
+launch the pass.  All of it stays on the device: no ``.item()``, no host sync.
+
+Formulas are those of the reference implementations users compare with:
+diffusers' DDPMScheduler / DDIMScheduler (timestep space) and k-diffusion's
+samplers (σ space, ``model_output`` = the denoised image for
+``prediction_type="sample"``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ..reference.sampler_step import A_M, A_N, A_X, C_0, C_M, C_N, C_P, C_Q, C_X, NUM_COEFS
+from .sampler_step import sampler_step
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "add_noise",
+    "churn",
+    "ddim_coefs",
+    "ddim_step",
+    "ddpm_coefs",
+    "ddpm_step",
+    "dpmpp_2m_coefs",
+    "dpmpp_2m_step",
+    "euler_ancestral_step",
+    "euler_coefs",
+    "euler_step",
+    "heun_coefs",
+    "heun_step",
+    "sigma_x0_coefs",
+]
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+
+Scalar = Union[float, int, torch.Tensor]
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}"
+        )
+
+
+def _coef_dtype(device: torch.device) -> torch.dtype:
+    # Coefficient math is O(B) and runs in float64 where the device has it:
+    # it costs nothing and keeps ratios of nearly equal ᾱ exact.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _rows(shape, like: torch.Tensor, **cols: torch.Tensor) -> torch.Tensor:
+    """A zero (…, 9) table with the named columns (A_X=..., C_0=...) filled."""
+    rows = torch.zeros(*shape, NUM_COEFS, dtype=like.dtype, device=like.device)
+    index = {"A_X": A_X, "A_M": A_M, "A_N": A_N, "C_X": C_X, "C_M": C_M, "C_0": C_0,
+             "C_P": C_P, "C_Q": C_Q, "C_N": C_N}
+    for name, value in cols.items():
+        rows[..., index[name]] = value
+    return rows
+
+
+def _per_sample(name: str, v: Scalar, batch: int, device: torch.device) -> torch.Tensor:
+    """A float or a 0-d / (B,) tensor as a (B,) tensor in the coefficient dtype."""
+    dtype = _coef_dtype(device)
+    if isinstance(v, torch.Tensor):
+        if v.dim() > 1 or (v.dim() == 1 and v.shape[0] not in (1, batch)):
+            raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(v.shape)}")
+        return v.to(device=device, dtype=dtype).reshape(-1).expand(batch)
+    if not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(v).__name__}")
+    return torch.full((batch,), float(v), dtype=dtype, device=device)
+
+
+def _timesteps(name: str, t, batch: int, device: torch.device) -> torch.Tensor:
+    """An int or a 0-d / (B,) integer tensor as a (B,) int64 tensor."""
+    if isinstance(t, torch.Tensor):
+        if t.is_floating_point() or t.is_complex():
+            raise TypeError(f"{name} must hold integers, got {t.dtype}")
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
+            raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+        return t.to(device=device, dtype=torch.int64).reshape(-1).expand(batch)
+    if not isinstance(t, int):
+        raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
+    return torch.full((batch,), t, dtype=torch.int64, device=device)
+
+
+def _gather_alphas(alphas_cumprod: torch.Tensor, t: torch.Tensor, final: float) -> torch.Tensor:
+    """ᾱ at timesteps t, with ``final`` where t < 0 (the step past t = 0)."""
+    ab = alphas_cumprod.to(device=t.device, dtype=_coef_dtype(t.device))
+    return torch.where(t >= 0, ab[t.clamp(min=0)], torch.full_like(ab[:1], final))
+
+
+def _clip_range(clip_sample_range: Optional[float]):
+    return None if clip_sample_range is None else (-clip_sample_range, clip_sample_range)
+
+
+# --------------------------------------------------------------------------
+# Timestep space (diffusers)
+# --------------------------------------------------------------------------
+
+
+def _vp_x0_cols(ab_t: torch.Tensor, prediction_type: str) -> dict:
+    """x0 = a_x x + a_m m for a VP model output at ᾱ_t."""
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "epsilon":
+        return {"A_X": ab_t.rsqrt(), "A_M": -((1 - ab_t) / ab_t).sqrt()}
+    if prediction_type == "sample":
+        return {"A_M": torch.ones_like(ab_t)}
+    return {"A_X": ab_t.sqrt(), "A_M": -(1 - ab_t).sqrt()}
+
+
+def ddpm_coefs(
+    alpha_prod_t: torch.Tensor,
+    alpha_prod_t_prev: torch.Tensor,
+    add_noise: torch.Tensor,
+    *,
+    prediction_type: str = "epsilon",
+    variance_type: str = "fixed_small",
+) -> torch.Tensor:
+    """Rows of the DDPM ancestral step (Ho et al. eq. 6-7, diffusers' DDPMScheduler.step).
+
+    x_prev = c0 x0 + cx x + std z with c0 = sqrt(ᾱ_prev) β_t / (1-ᾱ_t),
+    cx = sqrt(α_t) (1-ᾱ_prev) / (1-ᾱ_t); std = sqrt(β̃_t) (fixed_small) or sqrt(β_t)
+    (fixed_large), zero where ``add_noise`` is False (t = 0).
+    """
+    _check_choice("variance_type", variance_type, DDPM_VARIANCE_TYPES)
+    beta_prod_t = 1 - alpha_prod_t
+    beta_prod_prev = 1 - alpha_prod_t_prev
+    current_alpha = alpha_prod_t / alpha_prod_t_prev
+    current_beta = 1 - current_alpha
+    if variance_type == "fixed_large":
+        variance = current_beta
+    else:
+        variance = (beta_prod_prev / beta_prod_t * current_beta).clamp(min=1e-20)
+    std = torch.where(add_noise, variance.sqrt(), torch.zeros_like(variance))
+    return _rows(
+        alpha_prod_t.shape, alpha_prod_t,
+        **_vp_x0_cols(alpha_prod_t, prediction_type),
+        C_0=alpha_prod_t_prev.sqrt() * current_beta / beta_prod_t,
+        C_X=current_alpha.sqrt() * beta_prod_prev / beta_prod_t,
+        C_N=std,
+    )
+
+
+def ddim_coefs(
+    alpha_prod_t: torch.Tensor,
+    alpha_prod_t_prev: torch.Tensor,
+    *,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+    use_clipped_model_output: bool = False,
+) -> torch.Tensor:
+    """Rows of the DDIM step (Song et al. eq. 12 and 16, diffusers' DDIMScheduler.step).
+
+    x_prev = sqrt(ᾱ_prev) x0 + sqrt(1-ᾱ_prev-σ²) ε + σ z with
+    σ = η sqrt((1-ᾱ_prev)/(1-ᾱ_t) (1-ᾱ_t/ᾱ_prev)); ε is read from the model
+    output (or re-derived from the clipped x0 when ``use_clipped_model_output``).
+    """
+    beta_prod_t = 1 - alpha_prod_t
+    variance = (1 - alpha_prod_t_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std = eta * variance.sqrt()
+    direction = (1 - alpha_prod_t_prev - std**2).clamp(min=0).sqrt()
+    cols = _vp_x0_cols(alpha_prod_t, prediction_type)
+    c_0 = alpha_prod_t_prev.sqrt()
+    zero = torch.zeros_like(alpha_prod_t)
+    if use_clipped_model_output:  # ε = (x - sqrt(ᾱ) x0_clipped) / sqrt(1-ᾱ)
+        c_x = direction / beta_prod_t.sqrt()
+        c_m = zero
+        c_0 = c_0 - direction * (alpha_prod_t / beta_prod_t).sqrt()
+    elif prediction_type == "epsilon":
+        c_x, c_m = zero, direction
+    elif prediction_type == "sample":  # ε from the unclipped x0 = m
+        c_x = direction / beta_prod_t.sqrt()
+        c_m = -direction * (alpha_prod_t / beta_prod_t).sqrt()
+    else:  # v: ε = sqrt(ᾱ) v + sqrt(1-ᾱ) x
+        c_x = direction * beta_prod_t.sqrt()
+        c_m = direction * alpha_prod_t.sqrt()
+    return _rows(alpha_prod_t.shape, alpha_prod_t, **cols, C_X=c_x, C_M=c_m, C_0=c_0, C_N=std)
+
+
+def _timestep_step(coefs_fn, model_output, timestep, sample, alphas_cumprod, prev_timestep,
+                   final_alpha_cumprod, clip_sample_range, noise, seed, guidance_scale,
+                   return_x0, **kwargs):
+    batch, device = sample.shape[0], sample.device
+    t = _timesteps("timestep", timestep, batch, device)
+    prev_t = t - 1 if prev_timestep is None else _timesteps("prev_timestep", prev_timestep, batch, device)
+    ab_t = _gather_alphas(alphas_cumprod, t, final_alpha_cumprod)
+    ab_prev = _gather_alphas(alphas_cumprod, prev_t, final_alpha_cumprod)
+    coefs = coefs_fn(ab_t, ab_prev, t, **kwargs)
+    return sampler_step(sample, model_output, coefs, noise=noise, seed=seed,
+                        guidance_scale=guidance_scale, clip_range=_clip_range(clip_sample_range),
+                        return_x0=return_x0)
+
+
+def ddpm_step(
+    model_output: torch.Tensor,
+    timestep,
+    sample: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    prev_timestep=None,
+    prediction_type: str = "epsilon",
+    variance_type: str = "fixed_small",
+    clip_sample_range: Optional[float] = None,
+    noise: Optional[torch.Tensor] = None,
+    seed=None,
+    guidance_scale: Optional[float] = None,
+    return_x0: bool = False,
+):
+    """x_{t-1} of the DDPM ancestral sampler, fused (diffusers' DDPMScheduler.step).
+
+    ``timestep`` and ``prev_timestep`` (default t-1; <0 means ᾱ_prev = 1) are
+    ints or per-sample integer tensors.  Noise: ``noise`` tensor, in-kernel
+    Philox from ``seed``, or neither (the mean).  ``guidance_scale`` combines
+    the halves of a (2B, ...) model output.
+    """
+    return _timestep_step(
+        lambda ab_t, ab_prev, t: ddpm_coefs(ab_t, ab_prev, t > 0, prediction_type=prediction_type,
+                                            variance_type=variance_type),
+        model_output, timestep, sample, alphas_cumprod, prev_timestep, 1.0,
+        clip_sample_range, noise, seed, guidance_scale, return_x0,
+    )
+
+
+def ddim_step(
+    model_output: torch.Tensor,
+    timestep,
+    sample: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    prev_timestep=None,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+    clip_sample_range: Optional[float] = None,
+    use_clipped_model_output: bool = False,
+    final_alpha_cumprod: float = 1.0,
+    noise: Optional[torch.Tensor] = None,
+    seed=None,
+    guidance_scale: Optional[float] = None,
+    return_x0: bool = False,
+):
+    """x_prev of the DDIM sampler, fused (diffusers' DDIMScheduler.step).
+
+    ``final_alpha_cumprod`` is ᾱ_prev for prev_timestep < 0 (1.0 for
+    ``set_alpha_to_one``, else ᾱ_0).  With eta = 0 the step is deterministic.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    return _timestep_step(
+        lambda ab_t, ab_prev, t: ddim_coefs(ab_t, ab_prev, eta=eta, prediction_type=prediction_type,
+                                            use_clipped_model_output=use_clipped_model_output),
+        model_output, timestep, sample, alphas_cumprod, prev_timestep, final_alpha_cumprod,
+        clip_sample_range, noise if eta > 0 else None, seed if eta > 0 else None,
+        guidance_scale, return_x0,
+    )
+
+
+def add_noise(
+    original_samples: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps,
+    alphas_cumprod: torch.Tensor,
+) -> torch.Tensor:
+    """The forward process q(x_t | x_0): sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε, per-sample t."""
+    batch, device = original_samples.shape[0], original_samples.device
+    ab = _gather_alphas(alphas_cumprod, _timesteps("timesteps", timesteps, batch, device), 1.0)
+    coefs = _rows(ab.shape, ab, C_X=ab.sqrt(), C_N=(1 - ab).sqrt())
+    return sampler_step(original_samples, None, coefs, noise=noise)
+
+
+# --------------------------------------------------------------------------
+# σ space (k-diffusion / EDM: x = x0 + σ ε)
+# --------------------------------------------------------------------------
+
+
+def sigma_x0_coefs(sigma: torch.Tensor, prediction_type: str = "sample") -> dict:
+    """x0 = a_x x + a_m m for a model output at noise level σ (x = x0 + σ ε).
+
+    ``sample``: m is the denoised image (k-diffusion / EDM ``D``);
+    ``epsilon``: x0 = x - σ m; ``v_prediction``: x0 = x/(σ²+1) - σ m/sqrt(σ²+1)
+    (diffusers' EulerDiscreteScheduler).
+    """
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "sample":
+        return {"A_M": torch.ones_like(sigma)}
+    if prediction_type == "epsilon":
+        return {"A_X": torch.ones_like(sigma), "A_M": -sigma}
+    return {"A_X": 1 / (sigma**2 + 1), "A_M": -sigma / (sigma**2 + 1).sqrt()}
+
+
+def euler_coefs(sigma: torch.Tensor, sigma_next: torch.Tensor, *,
+                prediction_type: str = "sample", clip: bool = False) -> torch.Tensor:
+    """Rows of the Euler step x + (σ_next - σ) (x - x0)/σ.
+
+    For ε-prediction without clipping the step reads ε directly (x + dt ε),
+    which avoids the cancellation of (x - x0)/σ at large σ.
+    """
+    dt = sigma_next - sigma
+    cols = sigma_x0_coefs(sigma, prediction_type)
+    if prediction_type == "epsilon" and not clip:
+        return _rows(sigma.shape, sigma, **cols, C_X=torch.ones_like(sigma), C_M=dt)
+    return _rows(sigma.shape, sigma, **cols, C_X=1 + dt / sigma, C_0=-dt / sigma)
+
+
+def heun_coefs(sigma: torch.Tensor, sigma_next: torch.Tensor, *,
+               prediction_type: str = "sample") -> torch.Tensor:
+    """Rows of Heun's correction x + dt/2 ((x - D1)/σ + (x_mid - D2)/σ_next).
+
+    Kernel inputs: x = x_mid (the Euler prediction at σ_next, converted to D2
+    with the model output), prev = x, prev2 = D1.
+    """
+    dt = sigma_next - sigma
+    return _rows(sigma.shape, sigma, **sigma_x0_coefs(sigma_next, prediction_type),
+                 C_X=dt / (2 * sigma_next), C_0=-dt / (2 * sigma_next),
+                 C_P=1 + dt / (2 * sigma), C_Q=-dt / (2 * sigma))
+
+
+def dpmpp_2m_coefs(sigma: torch.Tensor, sigma_next: torch.Tensor,
+                   sigma_prev: Optional[torch.Tensor] = None, *,
+                   prediction_type: str = "sample") -> torch.Tensor:
+    """Rows of DPM-Solver++(2M) (Lu et al. 2022; k-diffusion's sample_dpmpp_2m).
+
+    With t = -log σ, h = t_next - t:
+    x_next = (σ_next/σ) x - expm1(-h) ((1 + 1/2r) D - (1/2r) D_prev), r = h_last / h,
+    reading D_prev from ``prev``.  First order (D only) without ``sigma_prev``
+    and, per sample, where σ_next = 0 (the final denoise).
+    """
+    h = sigma.log() - sigma_next.log()
+    phi = torch.expm1(-h)  # -1 where σ_next = 0
+    ratio = sigma_next / sigma
+    c_0, c_p = -phi, torch.zeros_like(sigma)
+    if sigma_prev is not None:
+        half_inv_r = 0.5 * h / (sigma_prev.log() - sigma.log())
+        second = sigma_next > 0
+        c_0 = torch.where(second, -phi * (1 + half_inv_r), c_0)
+        c_p = torch.where(second, phi * half_inv_r, c_p)
+    return _rows(sigma.shape, sigma, **sigma_x0_coefs(sigma, prediction_type),
+                 C_X=ratio, C_0=c_0, C_P=c_p)
+
+
+def _sigmas(sample: torch.Tensor, **named: Scalar) -> list[torch.Tensor]:
+    return [_per_sample(k, v, sample.shape[0], sample.device) for k, v in named.items()]
+
+
+def euler_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    *,
+    prediction_type: str = "sample",
+    clip_range=None,
+    guidance_scale: Optional[float] = None,
+    return_x0: bool = False,
+):
+    """Euler step from σ to σ_next (k-diffusion ``sample_euler``'s update).
+
+    σ may carry churn already (σ_hat = σ (1 + γ), the model evaluated at the
+    churned sample; see :func:`churn`).  σ values are floats or per-sample
+    tensors.
+    """
+    s, sn = _sigmas(sample, sigma=sigma, sigma_next=sigma_next)
+    coefs = euler_coefs(s, sn, prediction_type=prediction_type, clip=clip_range is not None)
+    return sampler_step(sample, model_output, coefs, guidance_scale=guidance_scale,
+                        clip_range=clip_range, return_x0=return_x0)
+
+
+def churn(
+    sample: torch.Tensor,
+    sigma: Scalar,
+    sigma_hat: Scalar,
+    *,
+    s_noise: float = 1.0,
+    noise: Optional[torch.Tensor] = None,
+    seed=None,
+) -> torch.Tensor:
+    """Raise the noise level from σ to σ_hat >= σ: x + s_noise sqrt(σ_hat² - σ²) z
+    (EDM Algorithm 2, lines 5-6)."""
+    s, s_hat = _sigmas(sample, sigma=sigma, sigma_hat=sigma_hat)
+    coefs = _rows(s.shape, s, C_X=torch.ones_like(s),
+                  C_N=s_noise * (s_hat**2 - s**2).clamp(min=0).sqrt())
+    return sampler_step(sample, None, coefs, noise=noise, seed=seed)
+
+
+def euler_ancestral_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise: Optional[torch.Tensor] = None,
+    seed=None,
+    prediction_type: str = "sample",
+    guidance_scale: Optional[float] = None,
+    return_x0: bool = False,
+):
+    """Ancestral Euler step (k-diffusion ``sample_euler_ancestral``):
+    σ_up = min(σ_next, η sqrt(σ_next² (σ² - σ_next²) / σ²)), σ_down = sqrt(σ_next² - σ_up²),
+    x_next = x + (σ_down - σ) (x - x0)/σ + s_noise σ_up z."""
+    s, sn = _sigmas(sample, sigma=sigma, sigma_next=sigma_next)
+    sigma_up = torch.minimum(sn, eta * (sn**2 * (s**2 - sn**2) / s**2).clamp(min=0).sqrt())
+    sigma_down = (sn**2 - sigma_up**2).clamp(min=0).sqrt()
+    coefs = euler_coefs(s, sigma_down, prediction_type=prediction_type)
+    coefs[:, C_N] = s_noise * sigma_up
+    return sampler_step(sample, model_output, coefs, noise=noise, seed=seed,
+                        guidance_scale=guidance_scale, return_x0=return_x0)
+
+
+def heun_step(
+    model_output: torch.Tensor,
+    sample_mid: torch.Tensor,
+    sample: torch.Tensor,
+    denoised: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    *,
+    prediction_type: str = "sample",
+    guidance_scale: Optional[float] = None,
+    return_x0: bool = False,
+):
+    """Heun's second-order correction (EDM Algorithm 2 lines 9-11, k-diffusion ``sample_heun``).
+
+    ``sample`` and ``denoised`` are x and D1 at σ; ``sample_mid`` is the Euler
+    prediction at σ_next (``euler_step(..., return_x0=True)`` gives both it and
+    D1) and ``model_output`` the model evaluated there.  σ_next must be > 0
+    (at σ_next = 0 the Euler step is final).
+    """
+    s, sn = _sigmas(sample, sigma=sigma, sigma_next=sigma_next)
+    coefs = heun_coefs(s, sn, prediction_type=prediction_type)
+    return sampler_step(sample_mid, model_output, coefs, prev=sample, prev2=denoised,
+                        guidance_scale=guidance_scale, return_x0=return_x0)
+
+
+def dpmpp_2m_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: Scalar,
+    sigma_next: Scalar,
+    *,
+    sigma_prev: Optional[Scalar] = None,
+    denoised_prev: Optional[torch.Tensor] = None,
+    prediction_type: str = "sample",
+    guidance_scale: Optional[float] = None,
+    return_x0: bool = True,
+):
+    """DPM-Solver++(2M) step (k-diffusion ``sample_dpmpp_2m``).
+
+    Pass the previous step's denoised image and σ (``denoised_prev``,
+    ``sigma_prev``) for the second-order update; without them the step is first
+    order.  Returns ``(x_next, denoised)`` by default: denoised is the next
+    step's ``denoised_prev``.
+    """
+    if (sigma_prev is None) != (denoised_prev is None):
+        raise ValueError("dpmpp_2m_step: give both sigma_prev and denoised_prev, or neither")
+    s, sn = _sigmas(sample, sigma=sigma, sigma_next=sigma_next)
+    sp = None if sigma_prev is None else _sigmas(sample, sigma_prev=sigma_prev)[0]
+    coefs = dpmpp_2m_coefs(s, sn, sp, prediction_type=prediction_type)
+    return sampler_step(sample, model_output, coefs, prev=denoised_prev,
+                        guidance_scale=guidance_scale, return_x0=return_x0)
