@@ -1,0 +1,364 @@
+"""The sampler updates built on sampler_step, against diffusers and k-diffusion's math."""
+
+import math
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import ops, schedules, use_backend
+from fastdiff.testing import assert_close, backends_for, max_rel_error
+
+CPU_BACKENDS = [b for b in backends_for("cpu") if b != "triton"]  # triton: see test_sampler_step
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    with use_backend(request.param):
+        yield request.param
+
+
+def _randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# --------------------------------------------------------------------------
+# Timestep space: diffusers
+# --------------------------------------------------------------------------
+
+def _diffusers():
+    return pytest.importorskip("diffusers")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddpm_step_matches_diffusers(backend, prediction_type, variance_type, clip):
+    sched = _diffusers().DDPMScheduler(prediction_type=prediction_type,
+                                       variance_type=variance_type, clip_sample=clip)
+    x, m = _randn(3, 3, 8, 8, seed=1), _randn(3, 3, 8, 8, seed=2)
+    for t in (999, 500, 1, 0):
+        expected = sched.step(m, t, x, generator=torch.Generator().manual_seed(5))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+        out, x0 = ops.ddpm_step(m, t, x, sched.alphas_cumprod, prediction_type=prediction_type,
+                                variance_type=variance_type,
+                                clip_sample_range=1.0 if clip else None,
+                                noise=noise, return_x0=True)
+        # diffusers computes 1 - ᾱ_t/ᾱ_{t-1} in fp32 (cancellation near t = 0):
+        # its own error is up to ~7e-5 relative, hence 1e-4 here.
+        assert max_rel_error(out, expected.prev_sample) < 1e-4, t
+        assert max_rel_error(x0, expected.pred_original_sample) < 1e-4, t
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+@pytest.mark.parametrize("clip, use_clipped", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+def test_ddim_step_matches_diffusers(backend, prediction_type, eta, clip, use_clipped, set_alpha_to_one):
+    sched = _diffusers().DDIMScheduler(prediction_type=prediction_type, clip_sample=clip,
+                                       set_alpha_to_one=set_alpha_to_one)
+    sched.set_timesteps(50)
+    x, m = _randn(3, 3, 8, 8, seed=1), _randn(3, 3, 8, 8, seed=2)
+    for t in sched.timesteps[[0, 25, -1]].tolist():
+        expected = sched.step(m, t, x, eta=eta, use_clipped_model_output=use_clipped,
+                              generator=torch.Generator().manual_seed(5))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+        out, x0 = ops.ddim_step(m, t, x, sched.alphas_cumprod, prev_timestep=t - 20, eta=eta,
+                                prediction_type=prediction_type,
+                                clip_sample_range=1.0 if clip else None,
+                                use_clipped_model_output=use_clipped,
+                                final_alpha_cumprod=float(sched.final_alpha_cumprod),
+                                noise=noise, return_x0=True)
+        assert max_rel_error(out, expected.prev_sample) < 1e-5, t
+        assert max_rel_error(x0, expected.pred_original_sample) < 1e-5, t
+
+
+def test_ddpm_step_is_exact_in_float64(backend):
+    """Against the closed form of Ho et al. eq. 7 evaluated in float64."""
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 1000).double())
+    x, m, z = (_randn(4, 2, 5, 5, seed=s, dtype=torch.float64) for s in (1, 2, 3))
+    t = torch.tensor([999, 400, 1, 0])
+    out = ops.ddpm_step(m, t, x, ab, noise=z)
+    ab_t = ab[t].view(-1, 1, 1, 1)
+    ab_p = torch.where(t > 0, ab[(t - 1).clamp(min=0)], torch.ones(())).view(-1, 1, 1, 1)
+    beta = 1 - ab_t / ab_p
+    x0 = (x - (1 - ab_t).sqrt() * m) / ab_t.sqrt()
+    mean = ab_p.sqrt() * beta / (1 - ab_t) * x0 + (1 - beta).sqrt() * (1 - ab_p) / (1 - ab_t) * x
+    std = ((1 - ab_p) / (1 - ab_t) * beta).sqrt() * (t > 0).view(-1, 1, 1, 1)
+    assert_close(out, mean + std * z, rtol=1e-12, atol=1e-12)
+
+
+def test_per_sample_timesteps_equal_separate_calls(backend):
+    ab = schedules.alphas_cumprod(schedules.betas("scaled_linear", 1000, 0.00085, 0.012))
+    x, m = _randn(3, 4, 6, 6, seed=1), _randn(3, 4, 6, 6, seed=2)
+    t = torch.tensor([900, 450, 3])
+    batched = ops.ddim_step(m, t, x, ab, prev_timestep=t - 50)
+    for i, ti in enumerate(t.tolist()):
+        single = ops.ddim_step(m[i:i + 1], ti, x[i:i + 1], ab, prev_timestep=ti - 50)
+        assert_close(batched[i:i + 1], single)
+
+
+def test_guidance_equals_combining_first(backend):
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 1000))
+    x = _randn(2, 3, 5, 5, seed=1)
+    eps_u, eps_c = _randn(2, 3, 5, 5, seed=2), _randn(2, 3, 5, 5, seed=3)
+    w = 7.5
+    fused = ops.ddpm_step(torch.cat([eps_u, eps_c]), 500, x, ab, guidance_scale=w, seed=3)
+    plain = ops.ddpm_step(eps_u + w * (eps_c - eps_u), 500, x, ab, seed=3)
+    assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_add_noise_matches_diffusers(backend):
+    sched = _diffusers().DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    x0, noise = _randn(4, 3, 8, 8, seed=1), _randn(4, 3, 8, 8, seed=2)
+    t = torch.tensor([0, 10, 500, 999])
+    assert_close(ops.add_noise(x0, noise, t, sched.alphas_cumprod),
+                 sched.add_noise(x0, noise, t), rtol=1e-6)
+
+
+def test_add_noise_gradient_reaches_x0(backend):
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 1000))
+    x0 = _randn(2, 3, 4, 4, seed=1).requires_grad_()
+    noise = _randn(2, 3, 4, 4, seed=2)
+    ops.add_noise(x0, noise, torch.tensor([0, 999]), ab).sum().backward()
+    expected = ab[[0, 999]].sqrt().view(2, 1, 1, 1).expand_as(x0)
+    assert_close(x0.grad, expected)
+
+
+# --------------------------------------------------------------------------
+# σ space: k-diffusion's samplers, transcribed (their package imports torchvision)
+# --------------------------------------------------------------------------
+
+
+def _to_d(x, sigma, denoised):
+    return (x - denoised) / sigma
+
+
+def kd_sample_euler(model, x, sigmas, s_churn=0.0, noises=None):
+    for i in range(len(sigmas) - 1):
+        gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_churn else 0.0
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            x = x + noises[i] * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+        denoised = model(x, sigma_hat)
+        x = x + _to_d(x, sigma_hat, denoised) * (sigmas[i + 1] - sigma_hat)
+    return x
+
+
+def kd_sample_euler_ancestral(model, x, sigmas, eta, noises):
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        s, sn = sigmas[i], sigmas[i + 1]
+        sigma_up = min(sn, eta * (sn**2 * (s**2 - sn**2) / s**2) ** 0.5)
+        sigma_down = (sn**2 - sigma_up**2) ** 0.5
+        x = x + _to_d(x, s, denoised) * (sigma_down - s)
+        if sn > 0:
+            x = x + noises[i] * sigma_up
+    return x
+
+
+def kd_sample_heun(model, x, sigmas):
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        d = _to_d(x, sigmas[i], denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = _to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1]))
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def kd_sample_dpmpp_2m(model, x, sigmas):
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        t, t_next = -math.log(sigmas[i]), -math.log(sigmas[i + 1]) if sigmas[i + 1] > 0 else math.inf
+        h = t_next - t
+        if old_denoised is None or sigmas[i + 1] == 0:
+            x = (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * denoised
+        else:
+            h_last = t - (-math.log(sigmas[i - 1]))
+            r = h_last / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigmas[i + 1] / sigmas[i]) * x - math.expm1(-h) * denoised_d
+        old_denoised = denoised
+    return x
+
+
+class GaussianDenoiser:
+    """The exact denoiser of data ~ N(mu, s² I): D(x, σ) = mu + s²/(s²+σ²) (x - mu)."""
+
+    def __init__(self, mu, s=0.5):
+        self.mu, self.s2 = mu, s**2
+
+    def __call__(self, x, sigma):
+        return self.mu + self.s2 / (self.s2 + sigma**2) * (x - self.mu)
+
+
+SIGMAS = [float(s) for s in schedules.karras_sigmas(12, 0.002, 80.0)] + [0.0]
+
+
+def _setup(dtype=torch.float64):
+    mu = _randn(2, 3, 8, 8, seed=7, dtype=dtype)
+    x = _randn(2, 3, 8, 8, seed=8, dtype=dtype) * SIGMAS[0]
+    noises = [_randn(2, 3, 8, 8, seed=100 + i, dtype=dtype) for i in range(len(SIGMAS))]
+    return GaussianDenoiser(mu), x, noises
+
+
+@pytest.mark.parametrize("s_churn", [0.0, 5.0])
+def test_euler_trajectory_matches_k_diffusion(backend, s_churn):
+    model, x, noises = _setup()
+    x_ref = kd_sample_euler(model, x, SIGMAS, s_churn, noises)
+    n = len(SIGMAS) - 1
+    for i in range(n):
+        gamma = min(s_churn / n, 2**0.5 - 1) if s_churn else 0.0
+        sigma_hat = SIGMAS[i] * (gamma + 1)
+        if gamma > 0:
+            x = ops.churn(x, SIGMAS[i], sigma_hat, noise=noises[i])
+        x = ops.euler_step(model(x, sigma_hat), x, sigma_hat, SIGMAS[i + 1])
+    assert_close(x, x_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_euler_ancestral_trajectory_matches_k_diffusion(backend):
+    model, x, noises = _setup()
+    x_ref = kd_sample_euler_ancestral(model, x, SIGMAS, 1.0, noises)
+    for i in range(len(SIGMAS) - 1):
+        x = ops.euler_ancestral_step(model(x, SIGMAS[i]), x, SIGMAS[i], SIGMAS[i + 1],
+                                     noise=noises[i])
+    assert_close(x, x_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_heun_trajectory_matches_k_diffusion(backend):
+    model, x, _ = _setup()
+    assert_close(_heun_sample(model, x, SIGMAS), kd_sample_heun(model, x, SIGMAS),
+                 rtol=1e-10, atol=1e-10)
+
+
+def test_dpmpp_2m_trajectory_matches_k_diffusion(backend):
+    model, x, _ = _setup()
+    assert_close(_dpmpp_2m_sample(model, x, SIGMAS), kd_sample_dpmpp_2m(model, x, SIGMAS),
+                 rtol=1e-10, atol=1e-10)
+
+
+def _heun_sample(model, x, sigmas):
+    for s, sn in zip(sigmas[:-1], sigmas[1:]):
+        x_mid, denoised = ops.euler_step(model(x, s), x, s, sn, return_x0=True)
+        x = x_mid if sn == 0 else ops.heun_step(model(x_mid, sn), x_mid, x, denoised, s, sn)
+    return x
+
+
+def _dpmpp_2m_sample(model, x, sigmas):
+    denoised = None
+    for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        x, denoised = ops.dpmpp_2m_step(model(x, s), x, s, sn, sigma_prev=sigmas[i - 1] if i else None,
+                                        denoised_prev=denoised)
+    return x
+
+
+@pytest.mark.parametrize("sampler", [_heun_sample, _dpmpp_2m_sample], ids=["heun", "dpmpp_2m"])
+def test_second_order_samplers_converge_to_the_exact_ode_solution(backend, sampler):
+    """For Gaussian data the probability-flow ODE has a closed form:
+    x(0) = mu + s / sqrt(s² + σ_max²) (x(σ_max) - mu).  Both samplers must
+    approach it at second order (error / 6 or better for 2.5x the steps)."""
+    model, x, _ = _setup()
+    exact = model.mu + (model.s2 / (model.s2 + 80.0**2)) ** 0.5 * (x - model.mu)
+    errors = []
+    for n in (40, 100):
+        sigmas = [float(v) for v in schedules.karras_sigmas(n, 0.002, 80.0)] + [0.0]
+        errors.append((sampler(model, x, sigmas) - exact).abs().max().item() / model.s2**0.5)
+    assert errors[0] < 0.06 and errors[1] < errors[0] / 6, errors
+
+
+def test_sigma_steps_in_float32_match_float64(backend):
+    """Every σ-space step in fp32 lands within fp32 rounding of its fp64 run."""
+    model64, x64, _ = _setup(torch.float64)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        model = GaussianDenoiser(model64.mu.to(dtype))
+        results.append(_dpmpp_2m_sample(model, x64.to(dtype), SIGMAS))
+    assert max_rel_error(results[1], results[0]) < 1e-5
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sigma_prediction_types_convert_to_denoised(backend, prediction_type):
+    """ε and v outputs of the exact model give the same Euler step as its D."""
+    model, x, _ = _setup()
+    s, sn = SIGMAS[3], SIGMAS[4]
+    d = model(x, s)
+    if prediction_type == "epsilon":
+        m = (x - d) / s
+    else:  # diffusers' v for σ-space: x0 = x/(σ²+1) - σ m/sqrt(σ²+1)
+        m = (x / (s**2 + 1) - d) * (s**2 + 1) ** 0.5 / s
+    got = ops.euler_step(m, x, s, sn, prediction_type=prediction_type)
+    assert_close(got, ops.euler_step(d, x, s, sn), rtol=1e-10, atol=1e-10)
+
+
+def test_step_argument_errors():
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 10))
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="prediction_type must be one of 'epsilon', 'sample', 'v_prediction'"):
+        ops.ddpm_step(x, 5, x, ab, prediction_type="eps")
+    with pytest.raises(ValueError, match="variance_type must be one of"):
+        ops.ddpm_step(x, 5, x, ab, variance_type="learned")
+    with pytest.raises(TypeError, match="timestep must hold integers"):
+        ops.ddpm_step(x, torch.tensor([1.0, 2.0]), x, ab)
+    with pytest.raises(ValueError, match=r"timestep must be a scalar or have shape \(2,\)"):
+        ops.ddpm_step(x, torch.tensor([1, 2, 3]), x, ab)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        ops.ddim_step(x, 5, x, ab, eta=-1.0)
+    with pytest.raises(ValueError, match="give both sigma_prev and denoised_prev"):
+        ops.dpmpp_2m_step(x, x, 1.0, 0.5, sigma_prev=2.0)
+    with pytest.raises(TypeError, match="sigma must be a number or a tensor"):
+        ops.euler_step(x, x, "1.0", 0.5)
+
+
+# --------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, kwargs", [
+    ("linear", {}),
+    ("scaled_linear", dict(beta_start=0.00085, beta_end=0.012)),
+    ("squaredcos_cap_v2", {}),
+    ("sigmoid", {}),
+])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_betas_match_diffusers(kind, kwargs, rescale):
+    sched = _diffusers().DDPMScheduler(beta_schedule=kind, rescale_betas_zero_snr=rescale, **kwargs)
+    got = schedules.betas(kind, 1000, rescale_zero_snr=rescale, **kwargs)
+    assert torch.equal(got, sched.betas)
+    assert torch.equal(schedules.alphas_cumprod(got), sched.alphas_cumprod)
+
+
+def test_schedule_properties():
+    ab = schedules.alphas_cumprod(schedules.betas("cosine", 1000))
+    assert torch.all(ab[1:] < ab[:-1]) and 0 < ab[-1] < ab[0] < 1
+    zsnr = schedules.alphas_cumprod(schedules.betas("linear", 1000, rescale_zero_snr=True))
+    assert zsnr[-1] == 0 and torch.isclose(zsnr[0], schedules.alphas_cumprod(schedules.betas())[0])
+    sig = schedules.sigmas_from_alphas_cumprod(ab)
+    assert torch.allclose(1 / (1 + sig**2), ab)
+
+
+def test_karras_sigmas():
+    s = schedules.karras_sigmas(18, 0.002, 80.0, rho=7.0)
+    assert s.shape == (18,)
+    assert math.isclose(s[0].item(), 80.0, rel_tol=1e-6) and math.isclose(s[-1].item(), 0.002, rel_tol=1e-5)
+    inv = s ** (1 / 7)
+    assert torch.allclose(inv[1:] - inv[:-1], (inv[1] - inv[0]).expand(17), rtol=1e-4)
+    with pytest.raises(ValueError, match="sigma_min <= sigma_max"):
+        schedules.karras_sigmas(5, 1.0, 0.5)
+
+
+def test_unknown_schedule():
+    with pytest.raises(ValueError, match="unknown schedule kind 'quadratic'; valid kinds are 'linear'"):
+        schedules.betas("quadratic")
+
+
+def test_public_names():
+    for name in ("ddpm_step", "ddim_step", "euler_step", "euler_ancestral_step", "heun_step",
+                 "dpmpp_2m_step", "add_noise", "churn", "sampler_step"):
+        assert callable(getattr(fastdiff.ops, name))
