@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Optional, Sequence
@@ -73,10 +72,10 @@ def triton_interpret() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _triton_missing() -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
     try:
         import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable ({e})"
     except Exception as e:  # a broken install only removes the backend
         return f"import triton failed: {e}"
     return None

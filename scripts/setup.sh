@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install fastdiff and what it needs on a fresh machine (Python, gcc; nvcc optional).
+#
+# torch is installed FIRST and pinned: a pip that resolves torch on its own pulls
+# a multi-GB CUDA build.  fastdiff is then built with --no-build-isolation so the
+# C++ extension compiles against that same, already installed torch (an isolated
+# build would download another torch into a temporary environment and the
+# extension's ABI would not match the torch you run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+TORCH_SPEC=${FASTDIFF_TORCH:-torch==2.13.0}
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install -q "$TORCH_SPEC"
+fi
+"$PY" -m pip install -q ninja pybind11 numpy setuptools wheel
+# Optional pieces: Triton (its interpreter runs the Triton kernels' tests on CPU),
+# test and benchmark tools, diffusers for the parity tests, cmake for the C++ build check.
+"$PY" -m pip install -q triton pytest pytest-benchmark scipy diffusers cmake
+"$PY" -m pip install -q --no-build-isolation -e .
+"$PY" -c "import fastdiff; print('fastdiff', fastdiff.__version__, 'backends:', fastdiff.backends())"

@@ -1,0 +1,86 @@
+"""Backend discovery, forcing and the reasons a backend gives."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import BackendNotSupportedError, _backend, use_backend
+from fastdiff.ops import NUM_COEFS, sampler_step
+
+
+def test_backends_lists_every_name_with_a_reason_or_none():
+    status = fastdiff.backends()
+    assert list(status) == ["triton", "cuda", "cpu", "torch"]
+    assert status["torch"] is None
+    for name, why in status.items():
+        assert why is None or (isinstance(why, str) and why), name
+    if not torch.cuda.is_available():
+        assert status["cuda"] is not None
+
+
+def test_use_backend_nests_and_restores(monkeypatch):
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    assert _backend.current_backend() is None
+    with use_backend("torch"):
+        assert _backend.current_backend() == "torch"
+        with use_backend("auto"):
+            assert _backend.current_backend() is None
+        assert _backend.current_backend() == "torch"
+    assert _backend.current_backend() is None
+
+
+def test_unknown_names_raise_value_error_listing_valid_ones(monkeypatch):
+    with pytest.raises(ValueError, match="unknown fastdiff backend 'cudnn'; valid names are 'triton', 'cuda', 'cpu', 'torch'"):
+        with use_backend("cudnn"):
+            pass
+    monkeypatch.setenv("FASTDIFF_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="FASTDIFF_BACKEND: unknown fastdiff backend 'gpu'"):
+        sampler_step(torch.zeros(1, 2), None, torch.zeros(1, NUM_COEFS))
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
+    assert _backend.current_backend() == "torch"
+    monkeypatch.setenv("FASTDIFF_BACKEND", "cuda")
+    with pytest.raises(BackendNotSupportedError, match="fastdiff backend 'cuda' cannot run"):
+        sampler_step(torch.zeros(1, 2), None, torch.zeros(1, NUM_COEFS))
+    with use_backend("torch"):  # the context manager wins over the variable
+        sampler_step(torch.zeros(1, 2), None, torch.zeros(1, NUM_COEFS))
+
+
+def test_automatic_choice_prefers_compiled_cpu_kernels():
+    impls = [_backend.Impl(name, run=lambda: name) for name in _backend.BACKENDS]
+    chosen = _backend.select("op", impls, torch.device("cpu"), {})
+    assert chosen.backend == ("cpu" if fastdiff.backends()["cpu"] is None else "torch")
+
+
+def test_reasons_of_a_backend_are_reported():
+    impls = [_backend.Impl("torch", run=None, reasons=lambda **_: ["head dim 7 is not supported"])]
+    with use_backend("torch"):
+        with pytest.raises(BackendNotSupportedError, match="head dim 7 is not supported"):
+            _backend.select("fastdiff::demo", impls, torch.device("cpu"), {})
+    with pytest.raises(BackendNotSupportedError, match=r"no fastdiff backend can run fastdiff::demo on cpu: cpu: .*torch: head dim 7"):
+        _backend.select("fastdiff::demo", impls, torch.device("cpu"), {})
+
+
+def test_import_needs_neither_triton_nor_the_extension():
+    """With triton and fastdiff._C hidden, import works and the torch backend runs."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.') or name == 'fastdiff._C':\n"
+        "            raise ImportError('hidden for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, fastdiff\n"
+        "b = fastdiff.backends()\n"
+        "assert b['cpu'] and b['triton'] and b['torch'] is None, b\n"
+        "out = fastdiff.ops.ddpm_step(torch.zeros(2, 3), 5, torch.zeros(2, 3), torch.linspace(0.9, 0.1, 10))\n"
+        "print('ok', tuple(out.shape))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "ok (2, 3)" in res.stdout
