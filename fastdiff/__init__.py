@@ -1,8 +1,16 @@
 """fastdiff: fused kernels and a PyTorch-compatible DDPM/EDM API for diffusion models."""
 
-from . import ops, schedules
+from . import nn, ops, schedules
 from ._backend import BackendNotSupportedError, backends, use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendNotSupportedError", "backends", "ops", "schedules", "use_backend", "__version__"]
+__all__ = [
+    "BackendNotSupportedError",
+    "backends",
+    "nn",
+    "ops",
+    "schedules",
+    "use_backend",
+    "__version__",
+]

@@ -19,3 +19,10 @@ def empty_like(t: torch.Tensor, **kwargs) -> torch.Tensor:
     if _poison.get() and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    if _poison.get() and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out

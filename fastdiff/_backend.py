@@ -174,6 +174,19 @@ class Impl:
     reasons: Callable[..., list[str]] = lambda **_: []
 
 
+def extension_has(symbol: str) -> Callable[..., list[str]]:
+    """A ``reasons`` function for extension backends: the built ``fastdiff._C``
+    must export ``symbol`` (an older build may predate the op)."""
+
+    def reasons(**_) -> list[str]:
+        ext = extension()
+        if ext is not None and not hasattr(ext, symbol):
+            return [f"fastdiff._C has no {symbol} (rebuild: pip install --no-build-isolation -e .)"]
+        return []
+
+    return reasons
+
+
 def device_reasons(backend: str, device: torch.device) -> list[str]:
     """The device rule shared by every op: which devices each backend takes."""
     if backend == "cpu" and device.type != "cpu":

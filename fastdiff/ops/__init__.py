@@ -5,6 +5,7 @@ The sampler updates all run through one fused op, ``sampler_step``; the
 call it, and the ``*_coefs`` builders let a scheduler precompute whole tables.
 """
 
+from .group_norm import group_norm_silu
 from .sampler_step import NUM_COEFS, sampler_step
 from .steps import (
     PREDICTION_TYPES,
@@ -38,6 +39,7 @@ __all__ = [
     "euler_ancestral_step",
     "euler_coefs",
     "euler_step",
+    "group_norm_silu",
     "heun_coefs",
     "heun_step",
     "sampler_step",

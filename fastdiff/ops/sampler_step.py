@@ -53,8 +53,8 @@ def _run_triton(out, x0_out, **a):
 
 _IMPLS = (
     _backend.Impl("triton", _run_triton),
-    _backend.Impl("cuda", _run_extension),
-    _backend.Impl("cpu", _run_extension),
+    _backend.Impl("cuda", _run_extension, _backend.extension_has("sampler_step")),
+    _backend.Impl("cpu", _run_extension, _backend.extension_has("sampler_step")),
     _backend.Impl("torch", _run_torch),
 )
 

@@ -1,0 +1,290 @@
+"""``fastdiff::group_norm_silu``: GroupNorm + time-embedding add + scale-shift + SiLU.
+
+The math is specified in :mod:`fastdiff.reference.group_norm`.  Two custom ops
+carry it -- a forward returning (y, mean, rstd) and a fused backward -- so
+torch.compile sees both as single nodes; ``register_autograd`` ties them.
+Validation happens once, in :func:`_validate`, before dispatch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from .._alloc import empty, empty_like
+from ..reference import group_norm as ref
+
+__all__ = ["group_norm_silu"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PARAMS = ("weight", "bias", "emb", "scale", "shift")
+
+
+# --------------------------------------------------------------------------
+# Backends.  Canonical inputs (see _canonicalize): x dense, contiguous or
+# channels_last; the small per-channel tensors contiguous in the opmath dtype;
+# outputs preallocated.  ``act`` is "silu" or "none".
+# --------------------------------------------------------------------------
+
+
+def _torch_fwd(x, weight, bias, emb, scale, shift, num_groups, eps, act, y, mean, rstd):
+    y_, mean_, rstd_ = ref.group_norm_silu_forward(
+        x, num_groups, weight, bias, eps, emb, scale, shift, None if act == "none" else act
+    )
+    y.copy_(y_)
+    mean.copy_(mean_)
+    rstd.copy_(rstd_)
+
+
+def _torch_bwd(dy, x, weight, bias, emb, scale, shift, mean, rstd, num_groups, act, grads):
+    res = ref.group_norm_silu_backward(
+        dy, x, num_groups, weight, bias, emb, scale, shift, mean, rstd,
+        None if act == "none" else act,
+    )
+    for out, val in zip(grads, res):
+        if out is not None:
+            out.copy_(val)
+
+
+def _ext_fwd(*args):
+    _backend.extension().group_norm_silu_fwd(*args)
+
+
+def _ext_bwd(dy, x, weight, bias, emb, scale, shift, mean, rstd, num_groups, act, grads):
+    _backend.extension().group_norm_silu_bwd(
+        dy, x, weight, bias, emb, scale, shift, mean, rstd, num_groups, act, *grads
+    )
+
+
+def _triton_fwd(*args):
+    from ..kernels.group_norm import group_norm_silu_fwd_triton
+
+    group_norm_silu_fwd_triton(*args)
+
+
+def _triton_bwd(dy, x, weight, bias, emb, scale, shift, mean, rstd, num_groups, act, grads):
+    from ..kernels.group_norm import group_norm_silu_bwd_triton
+
+    group_norm_silu_bwd_triton(dy, x, weight, bias, emb, scale, shift, mean, rstd,
+                               num_groups, act, *grads)
+
+
+_FWD = (
+    _backend.Impl("triton", _triton_fwd),
+    _backend.Impl("cuda", _ext_fwd, _backend.extension_has("group_norm_silu_fwd")),
+    _backend.Impl("cpu", _ext_fwd, _backend.extension_has("group_norm_silu_fwd")),
+    _backend.Impl("torch", _torch_fwd),
+)
+_BWD = (
+    _backend.Impl("triton", _triton_bwd),
+    _backend.Impl("cuda", _ext_bwd, _backend.extension_has("group_norm_silu_bwd")),
+    _backend.Impl("cpu", _ext_bwd, _backend.extension_has("group_norm_silu_bwd")),
+    _backend.Impl("torch", _torch_bwd),
+)
+
+
+# --------------------------------------------------------------------------
+# Validation and canonical layout
+# --------------------------------------------------------------------------
+
+
+def _validate(x, num_groups, weight, bias, eps, emb, scale, shift, act) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"group_norm_silu: x must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(
+            f"group_norm_silu: x must be float16, bfloat16, float32 or float64, got {x.dtype}"
+        )
+    if x.dim() < 2:
+        raise ValueError(f"group_norm_silu: x must be (N, C, *spatial), got shape {tuple(x.shape)}")
+    n, c = x.shape[:2]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
+    if c % num_groups:
+        raise ValueError(
+            f"group_norm_silu: num_groups ({num_groups}) must divide the channels of x ({c})"
+        )
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"group_norm_silu: eps must be a float >= 0, got {eps!r}")
+    if act not in ref.ACTIVATIONS:
+        raise ValueError(f"group_norm_silu: act must be 'silu' or None, got {act!r}")
+    for name, t, shape in (("weight", weight, (c,)), ("bias", bias, (c,)),
+                           ("emb", emb, (n, c)), ("scale", scale, (n, c)), ("shift", shift, (n, c))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
+            raise TypeError(f"group_norm_silu: {name} must be a floating-point tensor")
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"group_norm_silu: {name} must have shape {shape} for x of shape "
+                f"{tuple(x.shape)}, got {tuple(t.shape)}"
+            )
+        if t.device != x.device:
+            raise ValueError(f"group_norm_silu: {name} is on {t.device} but x is on {x.device}")
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last(_3d) when x is in it (and not also plain contiguous), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _small(t: Optional[torch.Tensor], acc: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(acc).contiguous()
+
+
+def _act_name(act: Optional[str]) -> str:
+    return "none" if act is None else act
+
+
+# --------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastdiff::group_norm_silu", mutates_args=())
+def _fwd_op(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    emb: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    act: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    act_ = None if act == "none" else act
+    _validate(x, num_groups, weight, bias, eps, emb, scale, shift, act_)
+    acc = ref.opmath_dtype(x.dtype)
+    x = x.contiguous(memory_format=_memory_format(x))
+    y = empty_like(x)
+    mean = empty(x.shape[0], num_groups, dtype=acc, device=x.device)
+    rstd = empty(x.shape[0], num_groups, dtype=acc, device=x.device)
+    impl = _backend.select("fastdiff::group_norm_silu", _FWD, x.device, {})
+    if x.numel() == 0:  # empty batch or empty groups: nothing to normalise
+        mean.zero_()
+        rstd.zero_()
+        return y, mean, rstd
+    impl.run(x, *(_small(t, acc) for t in (weight, bias, emb, scale, shift)),
+             num_groups, float(eps), act, y, mean, rstd)
+    return y, mean, rstd
+
+
+@_fwd_op.register_fake
+def _(x, num_groups, weight, bias, eps, emb, scale, shift, act):
+    _validate(x, num_groups, weight, bias, eps, emb, scale, shift, None if act == "none" else act)
+    acc = ref.opmath_dtype(x.dtype)
+    y = torch.empty_like(x.contiguous(memory_format=_memory_format(x)))
+    return y, x.new_empty(x.shape[0], num_groups, dtype=acc), x.new_empty(x.shape[0], num_groups, dtype=acc)
+
+
+@torch.library.custom_op("fastdiff::group_norm_silu_backward", mutates_args=())
+def _bwd_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    emb: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    act: str,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (x, weight, bias, emb, scale, shift); an input that is absent
+    or not in ``output_mask`` gets an empty (0-element) tensor."""
+    acc = ref.opmath_dtype(x.dtype)
+    fmt = _memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    grad_y = grad_y.to(x.dtype).contiguous(memory_format=fmt)
+    params = (weight, bias, emb, scale, shift)
+    grads = [empty_like(x) if output_mask[0] else None]
+    for want, t in zip(output_mask[1:], params):
+        grads.append(empty(*t.shape, dtype=acc, device=x.device) if want and t is not None else None)
+    if x.numel() == 0:
+        for g in grads:
+            if g is not None:
+                g.zero_()
+    else:
+        impl = _backend.select("fastdiff::group_norm_silu_backward", _BWD, x.device, {})
+        impl.run(grad_y, x, *(_small(t, acc) for t in params), mean, rstd, num_groups, act, grads)
+    results = [grads[0] if grads[0] is not None else x.new_empty(0)]
+    for g, t in zip(grads[1:], params):
+        results.append(x.new_empty(0) if g is None else g.to(t.dtype))
+    return tuple(results)
+
+
+@_bwd_op.register_fake
+def _(grad_y, x, num_groups, weight, bias, emb, scale, shift, mean, rstd, act, output_mask):
+    fmt = _memory_format(x)
+    results = [torch.empty_like(x.contiguous(memory_format=fmt)) if output_mask[0] else x.new_empty(0)]
+    for want, t in zip(output_mask[1:], (weight, bias, emb, scale, shift)):
+        results.append(torch.empty_like(t) if want and t is not None else x.new_empty(0))
+    return tuple(results)
+
+
+def _setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, emb, scale, shift, act = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, emb, scale, shift, mean, rstd)
+    ctx.num_groups, ctx.act = num_groups, act
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, bias, emb, scale, shift, mean, rstd = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[i] for i in (0, 2, 3, 5, 6, 7)]
+    grads = torch.ops.fastdiff.group_norm_silu_backward(
+        grad_y, x, ctx.num_groups, weight, bias, emb, scale, shift, mean, rstd, ctx.act, mask
+    )
+    dx, dw, db, demb, dscale, dshift = (g if m else None for g, m in zip(grads, mask))
+    return dx, None, dw, db, None, demb, dscale, dshift, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    emb: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    act: Optional[str] = "silu",
+) -> torch.Tensor:
+    """``act(GN(x + emb) * (1 + scale) + shift)`` in one fused pass.
+
+    Args:
+        x: (N, C, *spatial), fp16/bf16/fp32/fp64, contiguous or channels_last
+            (the output keeps x's memory format).
+        num_groups: groups G; must divide C.
+        weight, bias: GroupNorm's affine, (C,) each, optional.
+        eps: added to the variance.
+        emb: (N, C) time embedding added to x before the norm (DDPM ResnetBlock).
+        scale, shift: (N, C) AdaGN modulation applied after the affine.
+        act: "silu" or None.
+
+    Statistics are fp32 (fp64 for fp64 input), two-pass; the backward fuses all
+    six gradients and reduces dweight / dbias in a fixed order (bit-reproducible).
+    """
+    _validate(x, num_groups, weight, bias, eps, emb, scale, shift, act)
+    y, _, _ = torch.ops.fastdiff.group_norm_silu(
+        x, num_groups, weight, bias, float(eps), emb, scale, shift, _act_name(act)
+    )
+    return y
