@@ -87,10 +87,13 @@ def test_matches_reference(device, backend, dtype, case):
     expected = run("torch", kw)
     truth = float64_truth(kw)
     assert len(got) == len(expected) == (2 if kw["return_x0"] else 1)
+    # fp64 is exact to rounding, except that seeded noise is drawn in fp32 and
+    # log/cos of different math libraries differ by an ulp of fp32.
+    fp64_tol = 1e-6 if kw.get("seed") is not None else 1e-12
     for name, g, e, t in zip(("out", "x0"), got, expected, truth):
         assert not g.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements remain"
-        assert_close(g, e, truth=t, rtol=1e-12 if dtype == torch.float64 else 1e-5,
-                     atol=1e-12 if dtype == torch.float64 else 1e-6, name=name)
+        assert_close(g, e, truth=t, rtol=fp64_tol if dtype == torch.float64 else 1e-5,
+                     atol=fp64_tol if dtype == torch.float64 else 1e-6, name=name)
 
 
 @pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)

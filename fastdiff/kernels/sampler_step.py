@@ -27,7 +27,9 @@ import triton.language as tl
 from ..reference import philox as ref_philox
 from ..reference import sampler_step as ref
 
-__all__ = ["sampler_step_fwd_kernel", "sampler_step_triton", "philox4x32", "noise_words", "box_muller"]
+__all__ = [
+    "box_muller", "noise_words", "philox4x32", "sampler_step_fwd_kernel", "sampler_step_triton",
+]
 
 # Columns of a coefficient row, in the reference's order.
 A_X = tl.constexpr(ref.A_X)
@@ -53,7 +55,7 @@ TWO_PI = tl.constexpr(2.0 * math.pi)
 # per input tensor in flight per thread, enough to keep HBM busy.
 BLOCK = 2048
 NUM_WARPS = 4
-# CUDA caps grid dimensions 1 and 2 at 65535; programs loop over the rest.
+# CUDA caps grid dimensions 1 and 2 at 65535 (dimension 0 at 2**31 - 1).
 MAX_GRID_1 = 65535
 
 
@@ -91,10 +93,15 @@ def noise_words(o, seed):
 
 @triton.jit
 def box_muller(w0, w1):
-    """fp32 standard normal from two Philox words, as the reference computes it."""
+    """fp32 standard normal from two Philox words, as the reference computes it.
+
+    u1 and u2 are exact; sqrt_rn is IEEE-rounded like torch's sqrt (tl.sqrt is
+    an approximation) and log / cos lower to libdevice's accurate logf / cosf on
+    NVIDIA GPUs, so the noise stays within an ulp or two of the reference's.
+    """
     u1 = ((w0 >> 8) + 1).to(tl.float32) * TWO_POW_M24  # (0, 1]: log(u1) is finite
     u2 = (w1 >> 8).to(tl.float32) * TWO_POW_M24  # [0, 1)
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(TWO_PI * u2)
+    return tl.sqrt_rn(-2.0 * tl.log(u1)) * tl.cos(u2 * TWO_PI)
 
 
 @triton.jit
@@ -105,10 +112,27 @@ def _opmath_scalar(v, FP64: tl.constexpr):
     double's int64 bit pattern instead (see ``_scalar_arg``).
     """
     if FP64:
-        return v.to(tl.int64).to(tl.float64, bitcast=True)
+        v = v.to(tl.int64).to(tl.float64, bitcast=True)
     return v
 
 
+@triton.jit
+def _round_to(v, dtype: tl.constexpr):
+    """v (opmath) in the storage dtype, rounded to nearest even.
+
+    Triton's interpreter truncates fp32 -> bf16 where GPUs round, so bf16 is
+    rounded by hand on the fp32 bits first (NaN passed through); the cast that
+    follows is then exact on both.
+    """
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = tl.add(bits, 0x7FFF + ((bits >> 16) & 1), sanitize_overflow=False) & 0xFFFF0000
+        v = tl.where(v == v, bits.to(tl.float32, bitcast=True), v)
+    return v.to(dtype)
+
+
+# The scalars are not specialized on: as fp64 bit patterns (ints) they would
+# otherwise compile a variant per value class (== 1, divisible by 16).
 @triton.jit(do_not_specialize=["guidance_scale", "clip_min", "clip_max"])
 def sampler_step_fwd_kernel(
     x,
@@ -142,85 +166,80 @@ def sampler_step_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    """One sampler update over tiles of (BLOCK_B samples, BLOCK_F elements).
+    """One sampler update over a tile of (BLOCK_B samples, BLOCK_F elements).
 
     x, prev, prev2, noise, out, x0_out: flat (N,) = (B*F,); model_output: (N,),
     or (2N,) = cat(uncond, cond) with HAS_CFG; coefs: (R, NUM_COEFS) in opmath
     dtype (fp64 for fp64 x, else fp32); index: (B,) int64; seed: (1,) int64.
     Absent tensors are dummy pointers never read (their HAS_* flag is False).
-    Grid: (cdiv(F, BLOCK_F), programs looping over the cdiv(B, BLOCK_B) sample tiles).
+    Grid: (cdiv(F, BLOCK_F), T1, T2) with T1 * T2 >= cdiv(B, BLOCK_B) sample
+    tiles; T1 <= 65535 (CUDA's limit), so T2 > 1 only for huge batches, whose
+    surplus tiles are fully masked.
     """
-    i_f, i_p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_f = tl.program_id(0).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
     acc = coefs.dtype.element_ty
+
+    # [BLOCK_B] samples of this tile and their coefficient rows
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_b = o_b < B
+    if HAS_INDEX:
+        # The op layer checks the range; the clamp only keeps a bad index from
+        # reading outside coefs.
+        o_r = tl.load(index + o_b, mask=m_b, other=0)
+        o_r = tl.minimum(tl.maximum(o_r, 0), R - 1)
+    else:
+        o_r = o_b
+    p_c = coefs + o_r * NUM_COEFS
+    # [BLOCK_B, 1] coefficient columns, broadcast over the tile's elements
+    b_ax = tl.load(p_c + A_X, mask=m_b, other=0)[:, None]
+    b_cx = tl.load(p_c + C_X, mask=m_b, other=0)[:, None]
+    b_c0 = tl.load(p_c + C_0, mask=m_b, other=0)[:, None]
 
     # [BLOCK_F] element offsets within a sample
     o_f = i_f * BLOCK_F + tl.arange(0, BLOCK_F)
     m_f = o_f < F
+    # [BLOCK_B, BLOCK_F] flat element offsets and mask
+    o = o_b[:, None] * F + o_f[None, :]
+    m = m_b[:, None] & m_f[None, :]
+
+    b_x = tl.load(x + o, mask=m).to(acc)
+    b_x0 = b_ax * b_x
+    b_o = b_cx * b_x
+    if HAS_M:
+        b_m = tl.load(model_output + o, mask=m).to(acc)
+        if HAS_CFG:
+            b_mc = tl.load(model_output + N + o, mask=m).to(acc)
+            b_m = b_m + _opmath_scalar(guidance_scale, FP64) * (b_mc - b_m)
+        b_x0 += tl.load(p_c + A_M, mask=m_b, other=0)[:, None] * b_m
+    if HAS_NOISE:
+        b_n = tl.load(noise + o, mask=m).to(acc)
     if HAS_SEED:
-        b_seed = tl.load(seed)
-    if HAS_CFG:
-        b_w = _opmath_scalar(guidance_scale, FP64)
+        w0, w1, _, _ = noise_words(o, tl.load(seed))
+        b_n = box_muller(w0, w1).to(acc)
+    if HAS_NOISE or HAS_SEED:
+        b_x0 += tl.load(p_c + A_N, mask=m_b, other=0)[:, None] * b_n
+    # torch.clamp: NaN stays NaN (comparisons with NaN are false)
     if HAS_CLIP_MIN:
         b_lo = _opmath_scalar(clip_min, FP64)
+        b_x0 = tl.where(b_x0 < b_lo, b_lo, b_x0)
     if HAS_CLIP_MAX:
         b_hi = _opmath_scalar(clip_max, FP64)
+        b_x0 = tl.where(b_x0 > b_hi, b_hi, b_x0)
 
-    for i_b in range(i_p, tl.cdiv(B, BLOCK_B), tl.num_programs(1)):
-        # [BLOCK_B] samples of this tile and their coefficient rows
-        o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-        m_b = o_b < B
-        if HAS_INDEX:
-            # The op layer checks the range; the clamp only keeps a bad index
-            # from reading outside coefs.
-            o_r = tl.load(index + o_b, mask=m_b, other=0)
-            o_r = tl.minimum(tl.maximum(o_r, 0), R - 1)
-        else:
-            o_r = o_b
-        p_c = coefs + o_r * NUM_COEFS
-        # [BLOCK_B, 1] coefficient columns, broadcast over the tile's elements
-        b_ax = tl.load(p_c + A_X, mask=m_b, other=0)[:, None]
-        b_cx = tl.load(p_c + C_X, mask=m_b, other=0)[:, None]
-        b_c0 = tl.load(p_c + C_0, mask=m_b, other=0)[:, None]
-
-        # [BLOCK_B, BLOCK_F] flat element offsets and mask
-        o = o_b[:, None] * F + o_f[None, :]
-        m = m_b[:, None] & m_f[None, :]
-
-        b_x = tl.load(x + o, mask=m).to(acc)
-        b_x0 = b_ax * b_x
-        b_o = b_cx * b_x
-        if HAS_M:
-            b_m = tl.load(model_output + o, mask=m).to(acc)
-            if HAS_CFG:
-                b_mc = tl.load(model_output + N + o, mask=m).to(acc)
-                b_m = b_m + b_w * (b_mc - b_m)
-            b_x0 += tl.load(p_c + A_M, mask=m_b, other=0)[:, None] * b_m
-        if HAS_NOISE:
-            b_n = tl.load(noise + o, mask=m).to(acc)
-        if HAS_SEED:
-            w0, w1, _, _ = noise_words(o, b_seed)
-            b_n = box_muller(w0, w1).to(acc)
-        if HAS_NOISE or HAS_SEED:
-            b_x0 += tl.load(p_c + A_N, mask=m_b, other=0)[:, None] * b_n
-        # torch.clamp: NaN stays NaN (comparisons with NaN are false)
-        if HAS_CLIP_MIN:
-            b_x0 = tl.where(b_x0 < b_lo, b_lo, b_x0)
-        if HAS_CLIP_MAX:
-            b_x0 = tl.where(b_x0 > b_hi, b_hi, b_x0)
-
-        # out, in the reference's order of terms
-        b_o += b_c0 * b_x0
-        if HAS_M:
-            b_o += tl.load(p_c + C_M, mask=m_b, other=0)[:, None] * b_m
-        if HAS_PREV:
-            b_o += tl.load(p_c + C_P, mask=m_b, other=0)[:, None] * tl.load(prev + o, mask=m).to(acc)
-        if HAS_PREV2:
-            b_o += tl.load(p_c + C_Q, mask=m_b, other=0)[:, None] * tl.load(prev2 + o, mask=m).to(acc)
-        if HAS_NOISE or HAS_SEED:
-            b_o += tl.load(p_c + C_N, mask=m_b, other=0)[:, None] * b_n
-        tl.store(out + o, b_o.to(out.dtype.element_ty), mask=m)
-        if STORE_X0:
-            tl.store(x0_out + o, b_x0.to(x0_out.dtype.element_ty), mask=m)
+    # out, in the reference's order of terms
+    b_o += b_c0 * b_x0
+    if HAS_M:
+        b_o += tl.load(p_c + C_M, mask=m_b, other=0)[:, None] * b_m
+    if HAS_PREV:
+        b_o += tl.load(p_c + C_P, mask=m_b, other=0)[:, None] * tl.load(prev + o, mask=m).to(acc)
+    if HAS_PREV2:
+        b_o += tl.load(p_c + C_Q, mask=m_b, other=0)[:, None] * tl.load(prev2 + o, mask=m).to(acc)
+    if HAS_NOISE or HAS_SEED:
+        b_o += tl.load(p_c + C_N, mask=m_b, other=0)[:, None] * b_n
+    tl.store(out + o, _round_to(b_o, out.dtype.element_ty), mask=m)
+    if STORE_X0:
+        tl.store(x0_out + o, _round_to(b_x0, x0_out.dtype.element_ty), mask=m)
 
 
 def _scalar_arg(v, fp64: bool):
@@ -254,7 +273,9 @@ def sampler_step_triton(*, out, x0_out, x, model_output, coefs, index, prev, pre
     batch = out.shape[0]
     per_sample = n // batch
     block_b, block_f, num_warps = _tile(batch, per_sample)
-    grid = (triton.cdiv(per_sample, block_f), min(triton.cdiv(batch, block_b), MAX_GRID_1))
+    tiles = triton.cdiv(batch, block_b)
+    grid = (triton.cdiv(per_sample, block_f), min(tiles, MAX_GRID_1),
+            triton.cdiv(tiles, MAX_GRID_1))
     fp64 = coefs.dtype == torch.float64
     guard = torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()
     with guard:
