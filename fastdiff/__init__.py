@@ -1,6 +1,6 @@
 """fastdiff: fused kernels and a PyTorch-compatible DDPM/EDM API for diffusion models."""
 
-from . import nn, ops, schedules
+from . import nn, ops, sampling, schedules, training
 from ._backend import BackendNotSupportedError, backends, use_backend
 
 __version__ = "0.1.0"
@@ -10,7 +10,9 @@ __all__ = [
     "backends",
     "nn",
     "ops",
+    "sampling",
     "schedules",
+    "training",
     "use_backend",
     "__version__",
 ]

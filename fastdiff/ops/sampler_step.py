@@ -234,19 +234,19 @@ def _(x, model_output, coefs, index, prev, prev2, noise, seed,
 
 
 def _setup_context(ctx, inputs, output):
-    (x, model_output, coefs, index, prev, prev2, noise, seed,
+    (x, model_output, coefs, index, _prev, _prev2, noise, seed,
      guidance_scale, clip_min, clip_max, _return_x0) = inputs
     ctx.save_for_backward(x, model_output, coefs, index, noise, seed)
     ctx.scalars = (guidance_scale, clip_min, clip_max)
-    ctx.has_prev = (prev is not None, prev2 is not None)
 
 
 def _backward(ctx, grad_out, grad_x0):
     x, model_output, coefs, index, noise, seed = ctx.saved_tensors
     guidance_scale, clip_min, clip_max = ctx.scalars
+    needs = ctx.needs_input_grad
     g_x, g_m, g_p, g_q, g_n = ref.sampler_step_backward(
         grad_out, grad_x0, x, model_output, coefs, index, noise, seed,
-        guidance_scale, clip_min, clip_max, *ctx.has_prev,
+        guidance_scale, clip_min, clip_max, (needs[0], needs[1], needs[4], needs[5], needs[6]),
     )
     return g_x, g_m, None, None, g_p, g_q, g_n, None, None, None, None, None
 

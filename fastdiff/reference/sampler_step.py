@@ -127,12 +127,12 @@ def sampler_step_backward(
     guidance_scale: Optional[float],
     clip_min: Optional[float],
     clip_max: Optional[float],
-    has_prev: bool,
-    has_prev2: bool,
+    needs: tuple[bool, bool, bool, bool, bool],
 ) -> tuple[Optional[torch.Tensor], ...]:
     """Gradients of (out, x0) w.r.t. (x, model_output, prev, prev2, noise).
 
-    The update is linear, so this is the transpose of the forward map; the clamp
+    ``needs`` says which of the five are wanted (others come back None).  The
+    update is linear, so this is the transpose of the forward map; the clamp
     passes gradient where lo <= x0 <= hi (torch.clamp's rule).  Coefficients,
     index and seed get no gradient.
     """
@@ -155,16 +155,17 @@ def sampler_step_backward(
             keep &= pre <= clip_max
         g0 = g0 * keep
 
-    grad_x = (c(C_X) * g_out + c(A_X) * g0).to(x.dtype)
+    need_x, need_m, need_prev, need_prev2, need_noise = needs
+    grad_x = (c(C_X) * g_out + c(A_X) * g0).to(x.dtype) if need_x else None
     grad_m = None
-    if model_output is not None:
+    if need_m and model_output is not None:
         g_m = c(C_M) * g_out + c(A_M) * g0
         if guidance_scale is not None:
             g_m = torch.cat([(1.0 - guidance_scale) * g_m, guidance_scale * g_m])
         grad_m = g_m.to(model_output.dtype)
-    grad_prev = (c(C_P) * g_out).to(x.dtype) if has_prev else None
-    grad_prev2 = (c(C_Q) * g_out).to(x.dtype) if has_prev2 else None
+    grad_prev = (c(C_P) * g_out).to(x.dtype) if need_prev else None
+    grad_prev2 = (c(C_Q) * g_out).to(x.dtype) if need_prev2 else None
     grad_noise = None
-    if noise_is_input:
+    if need_noise and noise_is_input:
         grad_noise = (c(C_N) * g_out + c(A_N) * g0).to(x.dtype)
     return grad_x, grad_m, grad_prev, grad_prev2, grad_noise
