@@ -57,19 +57,22 @@ def render(data: dict) -> str:
         lines.append(f"- {dev}: {device_name(dev)}; fastdiff backend: `{backend_used(dev)}`")
     lines += [
         "",
-        "## Fused sampler step",
+        "## Fused ops",
         "",
-        "Median time per call (µs). `fastdiff`: one `sampler_step` pass reading a precomputed",
-        "coefficient table with per-sample timesteps. `eager`: the diffusers / k-diffusion",
-        "multi-kernel formulation. `compile`: `torch.compile` of eager. `copy`: `out.copy_(x)`,",
-        "the one-read-one-write floor. GB/s counts the bytes the fused pass must move.",
+        "Median time per call (µs). Sampler steps: `fastdiff` is one `sampler_step` pass reading a",
+        "precomputed coefficient table with per-sample timesteps; `eager` the diffusers /",
+        "k-diffusion multi-kernel formulation. GroupNorm: `eager` is group_norm -> add -> silu.",
+        "`compile`: `torch.compile` of eager. `copy`: `out.copy_(x)` of the same size, the",
+        "one-read-one-write floor. GB/s counts the bytes the fused pass must move at least.",
         "",
-        "| device | dtype | shape | step | fastdiff µs | eager µs | compile µs | copy µs "
+        "| device | dtype | shape | case | fastdiff µs | eager µs | compile µs | copy µs "
         "| vs eager | vs compile | / copy | GB/s |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    other = {}
     for (dev, dtype, shape, kind), r in sorted(rows.items()):
         if not all(k in r for k in ("fastdiff", "eager", "compile", "copy")):
+            other[(dev, dtype, shape, kind)] = r
             continue
         fd = r["fastdiff"]
         lines.append(
@@ -78,6 +81,25 @@ def render(data: dict) -> str:
             f"| {r['compile'] / fd:.2f}x | {fd / r['copy']:.2f} | {r['bytes'] / fd / 1e9:.1f} |"
         )
     lines += ["", "`vs eager` / `vs compile`: their time divided by fastdiff's (higher is better).", ""]
+    if other:
+        lines += [
+            "## Loops, schedulers and other cases",
+            "",
+            "Median time per call (ms) of every implementation measured; `fastdiff speedup`",
+            "is each other implementation's time divided by fastdiff's.",
+            "",
+            "| device | dtype | shape | case | implementations (ms) | fastdiff speedup |",
+            "|---|---|---|---|---|---:|",
+        ]
+        for (dev, dtype, shape, kind), r in other.items():
+            impls = {k: v for k, v in r.items() if k != "bytes"}
+            cells = ", ".join(f"{k} {v * 1e3:.3f}" for k, v in sorted(impls.items()))
+            speedup = "-"
+            if "fastdiff" in impls:
+                speedup = ", ".join(f"vs {k} {v / impls['fastdiff']:.2f}x"
+                                    for k, v in sorted(impls.items()) if k != "fastdiff") or "-"
+            lines.append(f"| {dev} | {dtype} | {shape} | {kind} | {cells} | {speedup} |")
+        lines.append("")
     return "\n".join(lines)
 
 

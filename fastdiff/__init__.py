@@ -1,6 +1,6 @@
 """fastdiff: fused kernels and a PyTorch-compatible DDPM/EDM API for diffusion models."""
 
-from . import nn, ops, sampling, schedules, training
+from . import nn, ops, sampling, schedulers, schedules, training
 from ._backend import BackendNotSupportedError, backends, use_backend
 
 __version__ = "0.1.0"
@@ -11,6 +11,7 @@ __all__ = [
     "nn",
     "ops",
     "sampling",
+    "schedulers",
     "schedules",
     "training",
     "use_backend",
