@@ -1,0 +1,175 @@
+// Python bindings of fastdiff._C: argument checks, device dispatch and the
+// Philox debug helpers used by tests/test_extension.py.
+//
+// The Python op layer (fastdiff/ops/sampler_step.py) validates shapes and
+// values and canonicalises layouts before calling sampler_step; the checks
+// here are the cheap ones the kernels' flat-array walk relies on, so that a
+// direct call cannot read or write out of bounds.
+
+#include <torch/extension.h>
+
+#include "philox.h"
+#include "sampler_step.h"
+
+#include <cstdint>
+#include <optional>
+
+namespace fastdiff {
+namespace {
+
+// t has out's dtype and device, the sizes of out (with `batch` rows) and the
+// same element -> memory map: dense, batch stride per_sample (F), and out's
+// strides on every other dimension of size > 1.
+void check_like_out(const char* name, const at::Tensor& t, const at::Tensor& out, int64_t batch,
+                    int64_t per_sample) {
+  TORCH_CHECK(t.scalar_type() == out.scalar_type(), "sampler_step: ", name, " has dtype ",
+              t.scalar_type(), " but out has ", out.scalar_type());
+  TORCH_CHECK(t.device() == out.device(), "sampler_step: ", name, " is on ", t.device(),
+              " but out is on ", out.device());
+  bool same_layout = t.dim() == out.dim() && t.size(0) == batch &&
+                     t.is_non_overlapping_and_dense() &&
+                     (batch <= 1 || t.stride(0) == per_sample);
+  for (int64_t d = 1; same_layout && d < t.dim(); ++d) {
+    same_layout = t.size(d) == out.size(d) && (t.size(d) == 1 || t.stride(d) == out.stride(d));
+  }
+  TORCH_CHECK(same_layout, "sampler_step: ", name, " (sizes ", t.sizes(), ", strides ",
+              t.strides(), ") must be dense with ", batch, " samples in out's memory order (sizes ",
+              out.sizes(), ", strides ", out.strides(), ")");
+}
+
+void check_args(const SamplerStepArgs& a) {
+  const at::Tensor& out = a.out;
+  TORCH_CHECK(out.dim() >= 1, "sampler_step: out needs a batch dimension");
+  const auto dtype = out.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
+                  dtype == at::kDouble,
+              "sampler_step: out must be float16, bfloat16, float32 or float64, got ", dtype);
+  const int64_t batch = a.batch();
+  const int64_t per_sample = batch > 0 ? out.numel() / batch : 0;
+  TORCH_CHECK(out.is_non_overlapping_and_dense() && (batch <= 1 || out.stride(0) == per_sample),
+              "sampler_step: out must be dense with the batch dimension outermost, got strides ",
+              out.strides());
+
+  check_like_out("x", a.x, out, batch, per_sample);
+  if (a.model_output.has_value()) {
+    check_like_out("model_output", *a.model_output, out,
+                   a.guidance_scale.has_value() ? 2 * batch : batch, per_sample);
+  } else {
+    TORCH_CHECK(!a.guidance_scale.has_value(),
+                "sampler_step: guidance_scale needs model_output (the uncond/cond halves)");
+  }
+  for (const auto& [name, t] : {std::pair{"prev", &a.prev}, std::pair{"prev2", &a.prev2},
+                                std::pair{"noise", &a.noise}, std::pair{"x0_out", &a.x0_out}}) {
+    if (t->has_value()) {
+      check_like_out(name, **t, out, batch, per_sample);
+    }
+  }
+
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor& coefs = a.coefs;
+  TORCH_CHECK(coefs.scalar_type() == acc && coefs.dim() == 2 && coefs.size(1) == NUM_COEFS &&
+                  coefs.size(0) >= 1 && coefs.is_contiguous() && coefs.device() == out.device(),
+              "sampler_step: coefs must be a contiguous (rows, ", int(NUM_COEFS), ") ", acc,
+              " tensor on ", out.device(), ", got ", coefs.scalar_type(), " ", coefs.sizes(),
+              " on ", coefs.device());
+  if (a.index.has_value()) {
+    const at::Tensor& index = *a.index;
+    TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == batch &&
+                    index.is_contiguous() && index.device() == out.device(),
+                "sampler_step: index must be a contiguous (", batch, ",) int64 tensor on ",
+                out.device());
+  } else {
+    TORCH_CHECK(coefs.size(0) == batch, "sampler_step: without index, coefs needs ", batch,
+                " rows (one per sample), got ", coefs.size(0));
+  }
+  if (a.seed.has_value()) {
+    TORCH_CHECK(!a.noise.has_value(), "sampler_step: give noise or seed, not both");
+    const at::Tensor& seed = *a.seed;
+    TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1 &&
+                    seed.device() == out.device(),
+                "sampler_step: seed must be a one-element int64 tensor on ", out.device());
+  }
+}
+
+void sampler_step(const at::Tensor& x, const std::optional<at::Tensor>& model_output,
+                  const at::Tensor& coefs, const std::optional<at::Tensor>& index,
+                  const std::optional<at::Tensor>& prev, const std::optional<at::Tensor>& prev2,
+                  const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
+                  std::optional<double> guidance_scale, std::optional<double> clip_min,
+                  std::optional<double> clip_max, const at::Tensor& out,
+                  const std::optional<at::Tensor>& x0_out) {
+  const SamplerStepArgs args{x, model_output, coefs, index, prev, prev2, noise,
+                             seed, guidance_scale, clip_min, clip_max, out, x0_out};
+  check_args(args);
+  if (out.numel() == 0) {
+    return;
+  }
+  if (out.is_cuda()) {
+#ifdef FASTDIFF_WITH_CUDA
+    sampler_step_cuda(args);
+#else
+    TORCH_CHECK(false, "sampler_step: got tensors on ", out.device(),
+                " but fastdiff._C was built without CUDA kernels (rebuild with a CUDA build of "
+                "torch and nvcc, FASTDIFF_BUILD_CUDA=1, or use the 'triton' or 'torch' backend)");
+#endif
+  } else {
+    TORCH_CHECK(out.is_cpu(), "sampler_step: unsupported device ", out.device());
+    sampler_step_cpu(args);
+  }
+}
+
+// Words (w0, w1, w2, w3) of noise elements offset .. offset + numel - 1 of
+// stream seed, as an int64 (numel, 4) tensor holding the uint32 values.
+at::Tensor philox_words_cpu(uint64_t seed, int64_t numel, uint64_t offset) {
+  TORCH_CHECK(numel >= 0, "numel must be >= 0");
+  at::Tensor words = at::empty({numel, 4}, at::kLong);
+  int64_t* w = words.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < numel; ++i) {
+    const philox::Words r = philox::noise_words(seed, offset + static_cast<uint64_t>(i));
+    w[4 * i + 0] = r.w0;
+    w[4 * i + 1] = r.w1;
+    w[4 * i + 2] = r.w2;
+    w[4 * i + 3] = r.w3;
+  }
+  return words;
+}
+
+// Noise elements offset .. offset + numel - 1 of stream seed (float32, (numel,)).
+at::Tensor philox_normal_cpu(uint64_t seed, int64_t numel, uint64_t offset) {
+  TORCH_CHECK(numel >= 0, "numel must be >= 0");
+  at::Tensor z = at::empty({numel}, at::kFloat);
+  float* p = z.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < numel; ++i) {
+    p[i] = philox::normal(seed, offset + static_cast<uint64_t>(i));
+  }
+  return z;
+}
+
+bool has_cuda() {
+#ifdef FASTDIFF_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace fastdiff
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "fastdiff C++/CUDA kernels (use them through fastdiff.ops)";
+  m.def("sampler_step", &fastdiff::sampler_step,
+        "Fused sampler update into out (and x0_out); see fastdiff.reference.sampler_step.",
+        py::arg("x"), py::arg("model_output"), py::arg("coefs"), py::arg("index"),
+        py::arg("prev"), py::arg("prev2"), py::arg("noise"), py::arg("seed"),
+        py::arg("guidance_scale"), py::arg("clip_min"), py::arg("clip_max"), py::arg("out"),
+        py::arg("x0_out"), py::call_guard<py::gil_scoped_release>());
+  m.def("has_cuda", &fastdiff::has_cuda, "True when built with the CUDA kernels.");
+  m.def("_philox_words_cpu", &fastdiff::philox_words_cpu,
+        "Debug: Philox4x32-10 words of noise elements [offset, offset + numel), (numel, 4) int64.",
+        py::arg("seed"), py::arg("numel"), py::arg("offset") = 0);
+  m.def("_philox_normal_cpu", &fastdiff::philox_normal_cpu,
+        "Debug: noise elements [offset, offset + numel) of stream seed as float32.",
+        py::arg("seed"), py::arg("numel"), py::arg("offset") = 0);
+}
