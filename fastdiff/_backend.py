@@ -102,13 +102,20 @@ def _extension_missing() -> Optional[str]:
 
 def _why_unavailable(name: str) -> Optional[str]:
     """None if the backend can run on this machine, else the reason it cannot."""
+    return _why_unavailable_cached(name, triton_interpret())
+
+
+@functools.lru_cache(maxsize=None)
+def _why_unavailable_cached(name: str, interpret: bool) -> Optional[str]:
+    # Cached: the answer depends only on what is installed, the devices and
+    # TRITON_INTERPRET (part of the key); dispatch asks on every op call.
     if name == "torch":
         return None
     if name == "triton":
         missing = _triton_missing()
         if missing:
             return missing
-        if not torch.cuda.is_available() and not triton_interpret():
+        if not torch.cuda.is_available() and not interpret:
             return "no CUDA device (and TRITON_INTERPRET is not set)"
         return None
     missing = _extension_missing()

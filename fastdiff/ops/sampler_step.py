@@ -135,13 +135,12 @@ def _check_index_values(index: Optional[torch.Tensor], rows: int) -> None:
     by an asynchronous device-side assert elsewhere (no host sync)."""
     if index is None or index.numel() == 0:
         return
-    in_range = (index.min() >= 0) & (index.max() < rows)
+    lo, hi = torch.aminmax(index)
     if index.device.type != "cpu":
-        torch._assert_async(in_range, "sampler_step: index out of range of the coefs rows")
-    elif not bool(in_range):
+        torch._assert_async((lo >= 0) & (hi < rows), "sampler_step: index out of range of the coefs rows")
+    elif not (0 <= int(lo) and int(hi) < rows):
         raise IndexError(
-            f"sampler_step: index values must be in [0, {rows}), got "
-            f"[{int(index.min())}, {int(index.max())}]"
+            f"sampler_step: index values must be in [0, {rows}), got [{int(lo)}, {int(hi)}]"
         )
 
 
