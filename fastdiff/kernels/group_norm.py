@@ -54,9 +54,7 @@ Accumulation is fp32 (fp64 for fp64 x) throughout.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import device_guard, opmath_scalar, round_to, scalar_arg
 from .._alloc import empty
 
 __all__ = [
@@ -116,38 +115,11 @@ MAX_WARPS = 16
 
 
 @triton.jit
-def _opmath_scalar(v, FP64: tl.constexpr):
-    """A launch-time float in opmath precision.
-
-    Triton types Python float arguments as fp32, so fp64 launches pass the
-    double's int64 bit pattern instead (see ``_scalar_arg``).
-    """
-    if FP64:
-        v = v.to(tl.int64).to(tl.float64, bitcast=True)
-    return v
-
-
-@triton.jit
-def _round_to(v, dtype: tl.constexpr):
-    """v (opmath) in the storage dtype, rounded to nearest even.
-
-    Triton's interpreter truncates fp32 -> bf16 where GPUs round, so bf16 is
-    rounded by hand on the fp32 bits first (NaN passed through); the cast that
-    follows is then exact on both.
-    """
-    if dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = tl.add(bits, 0x7FFF + ((bits >> 16) & 1), sanitize_overflow=False) & 0xFFFF0000
-        v = tl.where(v == v, bits.to(tl.float32, bitcast=True), v)
-    return v.to(dtype)
-
-
-@triton.jit
 def _rstd(b_var, eps, FP64: tl.constexpr):
     """1 / sqrt(var + eps); the square root IEEE-rounded (tl.sqrt is exact for
     fp64, an approximation for fp32, whose exact one is sqrt_rn)."""
     if FP64:
-        b_r = 1 / tl.sqrt(b_var + _opmath_scalar(eps, FP64))
+        b_r = 1 / tl.sqrt(b_var + opmath_scalar(eps, FP64))
     else:
         b_r = 1 / tl.sqrt_rn(b_var + eps)
     return b_r
@@ -274,7 +246,7 @@ def group_norm_fwd_kernel_fused(
     b_alpha = b_rstd * b_w * b_op  # [BD]
     b_beta = b_b * b_op + b_sh  # [BD]
     b_y = _act(b_c * b_alpha[:, None] + b_beta[:, None], SILU)
-    tl.store(y + o_origin + o, _round_to(b_y, y.dtype.element_ty), mask=m)
+    tl.store(y + o_origin + o, round_to(b_y, y.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -433,7 +405,7 @@ def group_norm_fwd_kernel_apply(
             o = _tile_offsets(o_d, o_s, C, S, CHANNELS_LAST)
             b_c = tl.load(p_x + o, mask=m, other=0).to(acc) + b_shift[:, None]
             b_y = _act(b_c * b_alpha + b_beta, SILU)
-            tl.store(p_y + o, _round_to(b_y, y.dtype.element_ty), mask=m)
+            tl.store(p_y + o, round_to(b_y, y.dtype.element_ty), mask=m)
 
 
 # --------------------------------------------------------------------------
@@ -524,7 +496,7 @@ def group_norm_bwd_kernel_fused(
         b_m2 = tl.sum(b_g * b_s2, axis=0) / (D * S)
         b_dh = b_rstd * (b_dz * b_g[:, None] - b_m1 - b_nh * b_m2)  # [BD, BS]
         if STORE_DX:
-            tl.store(dx + o_origin + o, _round_to(b_dh, dx.dtype.element_ty), mask=m)
+            tl.store(dx + o_origin + o, round_to(b_dh, dx.dtype.element_ty), mask=m)
         if STORE_DEMB:
             tl.store(demb + o_nc, tl.sum(tl.where(m, b_dh, 0), axis=1), mask=m_d)
 
@@ -741,7 +713,7 @@ def group_norm_bwd_kernel_apply(
                     b_z = (b_nh * b_w[:, None] + b_b[:, None]) * b_op[:, None] + b_sh[:, None]
                     b_dz = _act_grad(b_dz, b_z, SILU)
                 b_dh = b_rstd * (b_dz * b_g - b_m1 - b_nh * b_m2)
-                tl.store(p_dx + o, _round_to(b_dh, dx.dtype.element_ty), mask=m)
+                tl.store(p_dx + o, round_to(b_dh, dx.dtype.element_ty), mask=m)
 
 
 # --------------------------------------------------------------------------
@@ -828,18 +800,6 @@ def _check_layout(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
     return cl
 
 
-def _scalar_arg(v: float, fp64: bool):
-    """A float for the kernel: as is for fp32 opmath, its int64 bit pattern for
-    fp64 (Triton would pass a Python float as fp32)."""
-    if fp64:
-        return struct.unpack("<q", struct.pack("<d", float(v)))[0]
-    return float(v)
-
-
-def _guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _dims(x: torch.Tensor, num_groups: int) -> tuple[int, int, int, int, int]:
     n, c = x.shape[:2]
     s = x.numel() // (n * c)
@@ -870,8 +830,8 @@ def group_norm_silu_fwd_triton(x, weight, bias, emb, scale, shift, num_groups, e
         FP64=fp64,
     )
     params = [mean if t is None else t for t in (weight, bias, emb, scale, shift)]
-    eps_arg = _scalar_arg(eps, fp64)
-    with _guard(x):
+    eps_arg = scalar_arg(eps, fp64)
+    with device_guard(x):
         if plan.fused:
             assert plan.block_d >= d and plan.block_s >= s, plan
             group_norm_fwd_kernel_fused[(n * g,)](
@@ -930,7 +890,7 @@ def group_norm_silu_bwd_triton(dy, x, weight, bias, emb, scale, shift, mean, rst
     )
     params = [mean if t is None else t for t in (weight, bias, emb, scale, shift)]
     outs = [x if dx is None else dx] + [mean if t is None else t for t in (dwp, dbp, demb, dscale, dshift)]
-    with _guard(x):
+    with device_guard(x):
         if plan.fused:
             assert plan.block_d >= d and plan.block_s >= s, plan
             group_norm_bwd_kernel_fused[(n * g,)](

@@ -16,14 +16,13 @@ each leaving a mostly masked program.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import device_guard, opmath_scalar, round_to, scalar_arg
 from ..reference import philox as ref_philox
 from ..reference import sampler_step as ref
 
@@ -102,33 +101,6 @@ def box_muller(w0, w1):
     u1 = ((w0 >> 8) + 1).to(tl.float32) * TWO_POW_M24  # (0, 1]: log(u1) is finite
     u2 = (w1 >> 8).to(tl.float32) * TWO_POW_M24  # [0, 1)
     return tl.sqrt_rn(-2.0 * tl.log(u1)) * tl.cos(u2 * TWO_PI)
-
-
-@triton.jit
-def _opmath_scalar(v, FP64: tl.constexpr):
-    """A launch-time float in opmath precision.
-
-    Triton types Python float arguments as fp32, so fp64 launches pass the
-    double's int64 bit pattern instead (see ``_scalar_arg``).
-    """
-    if FP64:
-        v = v.to(tl.int64).to(tl.float64, bitcast=True)
-    return v
-
-
-@triton.jit
-def _round_to(v, dtype: tl.constexpr):
-    """v (opmath) in the storage dtype, rounded to nearest even.
-
-    Triton's interpreter truncates fp32 -> bf16 where GPUs round, so bf16 is
-    rounded by hand on the fp32 bits first (NaN passed through); the cast that
-    follows is then exact on both.
-    """
-    if dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = tl.add(bits, 0x7FFF + ((bits >> 16) & 1), sanitize_overflow=False) & 0xFFFF0000
-        v = tl.where(v == v, bits.to(tl.float32, bitcast=True), v)
-    return v.to(dtype)
 
 
 # The scalars are not specialized on: as fp64 bit patterns (ints) they would
@@ -210,7 +182,7 @@ def sampler_step_fwd_kernel(
         b_m = tl.load(model_output + o, mask=m).to(acc)
         if HAS_CFG:
             b_mc = tl.load(model_output + N + o, mask=m).to(acc)
-            b_m = b_m + _opmath_scalar(guidance_scale, FP64) * (b_mc - b_m)
+            b_m = b_m + opmath_scalar(guidance_scale, FP64) * (b_mc - b_m)
         b_x0 += tl.load(p_c + A_M, mask=m_b, other=0)[:, None] * b_m
     if HAS_NOISE:
         b_n = tl.load(noise + o, mask=m).to(acc)
@@ -221,10 +193,10 @@ def sampler_step_fwd_kernel(
         b_x0 += tl.load(p_c + A_N, mask=m_b, other=0)[:, None] * b_n
     # torch.clamp: NaN stays NaN (comparisons with NaN are false)
     if HAS_CLIP_MIN:
-        b_lo = _opmath_scalar(clip_min, FP64)
+        b_lo = opmath_scalar(clip_min, FP64)
         b_x0 = tl.where(b_x0 < b_lo, b_lo, b_x0)
     if HAS_CLIP_MAX:
-        b_hi = _opmath_scalar(clip_max, FP64)
+        b_hi = opmath_scalar(clip_max, FP64)
         b_x0 = tl.where(b_x0 > b_hi, b_hi, b_x0)
 
     # out, in the reference's order of terms
@@ -237,19 +209,9 @@ def sampler_step_fwd_kernel(
         b_o += tl.load(p_c + C_Q, mask=m_b, other=0)[:, None] * tl.load(prev2 + o, mask=m).to(acc)
     if HAS_NOISE or HAS_SEED:
         b_o += tl.load(p_c + C_N, mask=m_b, other=0)[:, None] * b_n
-    tl.store(out + o, _round_to(b_o, out.dtype.element_ty), mask=m)
+    tl.store(out + o, round_to(b_o, out.dtype.element_ty), mask=m)
     if STORE_X0:
-        tl.store(x0_out + o, _round_to(b_x0, x0_out.dtype.element_ty), mask=m)
-
-
-def _scalar_arg(v, fp64: bool):
-    """A float for the kernel: as is for fp32 opmath, its int64 bit pattern for
-    fp64 (Triton would pass a Python float as fp32); 0 when absent (unread)."""
-    if v is None:
-        return 0
-    if fp64:
-        return struct.unpack("<q", struct.pack("<d", float(v)))[0]
-    return float(v)
+        tl.store(x0_out + o, round_to(b_x0, x0_out.dtype.element_ty), mask=m)
 
 
 def _tile(batch: int, per_sample: int) -> tuple[int, int, int]:
@@ -277,8 +239,7 @@ def sampler_step_triton(*, out, x0_out, x, model_output, coefs, index, prev, pre
     grid = (triton.cdiv(per_sample, block_f), min(tiles, MAX_GRID_1),
             triton.cdiv(tiles, MAX_GRID_1))
     fp64 = coefs.dtype == torch.float64
-    guard = torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()
-    with guard:
+    with device_guard(out):
         sampler_step_fwd_kernel[grid](
             x,
             out if model_output is None else model_output,
@@ -290,9 +251,9 @@ def sampler_step_triton(*, out, x0_out, x, model_output, coefs, index, prev, pre
             out if seed is None else seed,
             out,
             out if x0_out is None else x0_out,
-            _scalar_arg(guidance_scale, fp64),
-            _scalar_arg(clip_min, fp64),
-            _scalar_arg(clip_max, fp64),
+            scalar_arg(guidance_scale, fp64),
+            scalar_arg(clip_min, fp64),
+            scalar_arg(clip_max, fp64),
             n,
             batch,
             per_sample,
