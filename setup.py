@@ -7,6 +7,7 @@ or 1 overrides that.  TORCH_CUDA_ARCH_LIST picks the GPU architectures as for
 any torch extension (default here: sm_80 and sm_90 code plus compute_90 PTX).
 """
 
+import glob
 import os
 import sys
 
@@ -14,8 +15,12 @@ import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-CPU_SOURCES = ["csrc/bindings.cpp", "csrc/sampler_step_cpu.cpp"]
-CUDA_SOURCES = ["csrc/sampler_step_cuda.cu"]
+# Every csrc/*.cpp (bindings and CPU kernels) and csrc/*.cu (CUDA kernels), in
+# sorted order so the build is the same on every machine; a new op adds its
+# files and touches neither this list nor CMakeLists.txt.  Paths are relative
+# to the repository root, where pip runs setup.py.
+CPU_SOURCES = sorted(glob.glob("csrc/*.cpp"))
+CUDA_SOURCES = sorted(glob.glob("csrc/*.cu"))
 DEFAULT_GENCODE = [
     "-gencode=arch=compute_80,code=sm_80",
     "-gencode=arch=compute_90,code=[sm_90,compute_90]",

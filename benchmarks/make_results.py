@@ -42,6 +42,8 @@ def render(data: dict) -> str:
         key = (info["device"], info["dtype"], info["shape"], info["kind"])
         rows[key][info["impl"]] = b["stats"]["median"]
         rows[key]["bytes"] = info["bytes"]
+        if info.get("flops"):
+            rows[key]["flops"] = info["flops"]
 
     devices = sorted({k[0] for k in rows})
     lines = [
@@ -88,17 +90,22 @@ def render(data: dict) -> str:
             "Median time per call (ms) of every implementation measured; `fastdiff speedup`",
             "is each other implementation's time divided by fastdiff's.",
             "",
-            "| device | dtype | shape | case | implementations (ms) | fastdiff speedup |",
-            "|---|---|---|---|---|---:|",
+            "| device | dtype | shape | case | implementations (ms) | fastdiff speedup | fastdiff rate |",
+            "|---|---|---|---|---|---|---:|",
         ]
         for (dev, dtype, shape, kind), r in other.items():
-            impls = {k: v for k, v in r.items() if k != "bytes"}
+            impls = {k: v for k, v in r.items() if k not in ("bytes", "flops")}
             cells = ", ".join(f"{k} {v * 1e3:.3f}" for k, v in sorted(impls.items()))
             speedup = "-"
             if "fastdiff" in impls:
                 speedup = ", ".join(f"vs {k} {v / impls['fastdiff']:.2f}x"
                                     for k, v in sorted(impls.items()) if k != "fastdiff") or "-"
-            lines.append(f"| {dev} | {dtype} | {shape} | {kind} | {cells} | {speedup} |")
+            rate = "-"
+            if "fastdiff" in impls:
+                t = impls["fastdiff"]
+                rate = (f"{r['flops'] / t / 1e12:.2f} TFLOP/s" if "flops" in r
+                        else f"{r['bytes'] / t / 1e9:.1f} GB/s")
+            lines.append(f"| {dev} | {dtype} | {shape} | {kind} | {cells} | {speedup} | {rate} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -1,18 +1,21 @@
 // Python bindings of fastdiff._C: argument checks, device dispatch and the
 // Philox debug helpers used by tests/test_extension.py.
 //
-// The Python op layer (fastdiff/ops/sampler_step.py) validates shapes and
-// values and canonicalises layouts before calling sampler_step; the checks
-// here are the cheap ones the kernels' flat-array walk relies on, so that a
-// direct call cannot read or write out of bounds.
+// The Python op layers (fastdiff/ops/*.py) validate shapes and values and
+// canonicalise layouts before calling in; the checks here are the cheap ones
+// the kernels' raw-pointer walks rely on, so that a direct call cannot read or
+// write out of bounds.
 
 #include <torch/extension.h>
 
+#include "group_norm.h"
 #include "philox.h"
 #include "sampler_step.h"
 
 #include <cstdint>
 #include <optional>
+#include <string>
+#include <vector>
 
 namespace fastdiff {
 namespace {
@@ -118,6 +121,177 @@ void sampler_step(const at::Tensor& x, const std::optional<at::Tensor>& model_ou
   }
 }
 
+// ---------------------------------------------------------------------------
+// group_norm_silu
+// ---------------------------------------------------------------------------
+
+// t (N, C, *spatial) is dense with the channels innermost (strides C S, 1,
+// and C times the later spatial sizes); as for is_contiguous, dimensions of
+// size 1 may have any stride.
+bool is_channels_last_dense(const at::Tensor& t) {
+  int64_t expected = t.size(1);
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) {
+      return false;
+    }
+    expected *= t.size(d);
+  }
+  return (t.size(1) == 1 || t.stride(1) == 1) && (t.size(0) == 1 || t.stride(0) == expected);
+}
+
+// Checks x and num_groups; x_contiguous tells which layout the other
+// x-shaped tensors must share.
+GroupNormShape group_norm_shape(const at::Tensor& x, int64_t num_groups, bool& x_contiguous) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
+                  dtype == at::kDouble,
+              "group_norm_silu: x must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(x.dim() >= 2, "group_norm_silu: x must be (N, C, *spatial), got sizes ", x.sizes());
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK(num_groups >= 1 && C % num_groups == 0, "group_norm_silu: num_groups (", num_groups,
+              ") must be positive and divide the channels of x (", C, ")");
+  int64_t S = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    S *= x.size(d);
+  }
+  x_contiguous = x.is_contiguous();
+  TORCH_CHECK(x_contiguous || is_channels_last_dense(x),
+              "group_norm_silu: x must be contiguous or channels_last (channels innermost), got "
+              "sizes ",
+              x.sizes(), " and strides ", x.strides());
+  // With one position per channel both layouts are the same memory map.
+  return {N, C, S, num_groups, C / num_groups, !x_contiguous || S == 1};
+}
+
+void check_like_x(const char* name, const at::Tensor& t, const at::Tensor& x, bool x_contiguous) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device() &&
+                  t.sizes() == x.sizes(),
+              "group_norm_silu: ", name, " must match x (", x.scalar_type(), " ", x.sizes(), " on ",
+              x.device(), "), got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  TORCH_CHECK(x_contiguous ? t.is_contiguous() : is_channels_last_dense(t), "group_norm_silu: ",
+              name, " must be in x's memory layout (",
+              x_contiguous ? "contiguous" : "channels_last", "), got strides ", t.strides());
+}
+
+// A per-channel tensor: absent, or contiguous with the given sizes, in the
+// opmath dtype, on x's device.
+void check_small(const char* name, const std::optional<at::Tensor>& t,
+                 const std::vector<int64_t>& sizes, const at::Tensor& x) {
+  if (!t.has_value()) {
+    return;
+  }
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t->scalar_type() == acc && t->sizes() == at::IntArrayRef(sizes) &&
+                  t->is_contiguous() && t->device() == x.device(),
+              "group_norm_silu: ", name, " must be a contiguous ", at::IntArrayRef(sizes), " ",
+              acc, " tensor on ", x.device(), ", got ", t->scalar_type(), " ", t->sizes(),
+              t->is_contiguous() ? "" : " (not contiguous)", " on ", t->device());
+}
+
+void check_params(const GroupNormShape& sh, const at::Tensor& x,
+                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& emb, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& shift) {
+  check_small("weight", weight, {sh.C}, x);
+  check_small("bias", bias, {sh.C}, x);
+  check_small("emb", emb, {sh.N, sh.C}, x);
+  check_small("scale", scale, {sh.N, sh.C}, x);
+  check_small("shift", shift, {sh.N, sh.C}, x);
+}
+
+bool parse_act(const std::string& act) {
+  TORCH_CHECK(act == "silu" || act == "none", "group_norm_silu: act must be 'silu' or 'none', got '",
+              act, "'");
+  return act == "silu";
+}
+
+void group_norm_silu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& emb,
+                         const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& shift, int64_t num_groups, double eps,
+                         const std::string& act, const at::Tensor& y, const at::Tensor& mean,
+                         const at::Tensor& rstd) {
+  bool x_contiguous = true;
+  const GroupNormShape sh = group_norm_shape(x, num_groups, x_contiguous);
+  const bool silu = parse_act(act);
+  TORCH_CHECK(eps >= 0, "group_norm_silu: eps must be >= 0, got ", eps);
+  check_params(sh, x, weight, bias, emb, scale, shift);
+  check_like_x("y", y, x, x_contiguous);
+  check_small("mean", mean, {sh.N, sh.G}, x);
+  check_small("rstd", rstd, {sh.N, sh.G}, x);
+  if (x.numel() == 0) {
+    mean.zero_();
+    rstd.zero_();
+    return;
+  }
+  const GroupNormFwdArgs args{sh, x, weight, bias, emb, scale, shift, eps, silu, y, mean, rstd};
+  if (x.is_cuda()) {
+#ifdef FASTDIFF_WITH_CUDA
+    group_norm_fwd_cuda(args);
+#else
+    TORCH_CHECK(false, "group_norm_silu: got tensors on ", x.device(),
+                " but fastdiff._C was built without CUDA kernels (rebuild with a CUDA build of "
+                "torch and nvcc, FASTDIFF_BUILD_CUDA=1, or use the 'triton' or 'torch' backend)");
+#endif
+  } else {
+    TORCH_CHECK(x.is_cpu(), "group_norm_silu: unsupported device ", x.device());
+    group_norm_fwd_cpu(args);
+  }
+}
+
+void group_norm_silu_bwd(const at::Tensor& dy, const at::Tensor& x,
+                         const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& emb,
+                         const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& shift, const at::Tensor& mean,
+                         const at::Tensor& rstd, int64_t num_groups, const std::string& act,
+                         const std::optional<at::Tensor>& dx,
+                         const std::optional<at::Tensor>& dweight,
+                         const std::optional<at::Tensor>& dbias,
+                         const std::optional<at::Tensor>& demb,
+                         const std::optional<at::Tensor>& dscale,
+                         const std::optional<at::Tensor>& dshift) {
+  bool x_contiguous = true;
+  const GroupNormShape sh = group_norm_shape(x, num_groups, x_contiguous);
+  const bool silu = parse_act(act);
+  check_params(sh, x, weight, bias, emb, scale, shift);
+  check_like_x("dy", dy, x, x_contiguous);
+  check_small("mean", mean, {sh.N, sh.G}, x);
+  check_small("rstd", rstd, {sh.N, sh.G}, x);
+  if (dx.has_value()) {
+    check_like_x("dx", *dx, x, x_contiguous);
+  }
+  check_small("dweight", dweight, {sh.C}, x);
+  check_small("dbias", dbias, {sh.C}, x);
+  check_small("demb", demb, {sh.N, sh.C}, x);
+  check_small("dscale", dscale, {sh.N, sh.C}, x);
+  check_small("dshift", dshift, {sh.N, sh.C}, x);
+  if (x.numel() == 0) {  // empty batch or no positions: every gradient is 0
+    for (const auto* g : {&dx, &dweight, &dbias, &demb, &dscale, &dshift}) {
+      if (g->has_value()) {
+        (*g)->zero_();
+      }
+    }
+    return;
+  }
+  const GroupNormBwdArgs args{sh,   dy,   x,    weight, bias,  emb,  scale,   shift, mean,
+                              rstd, silu, dx, dweight, dbias, demb, dscale, dshift};
+  if (x.is_cuda()) {
+#ifdef FASTDIFF_WITH_CUDA
+    group_norm_bwd_cuda(args);
+#else
+    TORCH_CHECK(false, "group_norm_silu: got tensors on ", x.device(),
+                " but fastdiff._C was built without CUDA kernels (rebuild with a CUDA build of "
+                "torch and nvcc, FASTDIFF_BUILD_CUDA=1, or use the 'triton' or 'torch' backend)");
+#endif
+  } else {
+    TORCH_CHECK(x.is_cpu(), "group_norm_silu: unsupported device ", x.device());
+    group_norm_bwd_cpu(args);
+  }
+}
+
 // Words (w0, w1, w2, w3) of noise elements offset .. offset + numel - 1 of
 // stream seed, as an int64 (numel, 4) tensor holding the uint32 values.
 at::Tensor philox_words_cpu(uint64_t seed, int64_t numel, uint64_t offset) {
@@ -165,6 +339,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("prev"), py::arg("prev2"), py::arg("noise"), py::arg("seed"),
         py::arg("guidance_scale"), py::arg("clip_min"), py::arg("clip_max"), py::arg("out"),
         py::arg("x0_out"), py::call_guard<py::gil_scoped_release>());
+  m.def("group_norm_silu_fwd", &fastdiff::group_norm_silu_fwd,
+        "GroupNorm + emb + scale-shift + act into y, mean, rstd; see "
+        "fastdiff.reference.group_norm.",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("emb"), py::arg("scale"),
+        py::arg("shift"), py::arg("num_groups"), py::arg("eps"), py::arg("act"), py::arg("y"),
+        py::arg("mean"), py::arg("rstd"), py::call_guard<py::gil_scoped_release>());
+  m.def("group_norm_silu_bwd", &fastdiff::group_norm_silu_bwd,
+        "Gradients of group_norm_silu_fwd into the given (non-None) outputs.", py::arg("dy"),
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("emb"), py::arg("scale"),
+        py::arg("shift"), py::arg("mean"), py::arg("rstd"), py::arg("num_groups"), py::arg("act"),
+        py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("demb"), py::arg("dscale"),
+        py::arg("dshift"), py::call_guard<py::gil_scoped_release>());
   m.def("has_cuda", &fastdiff::has_cuda, "True when built with the CUDA kernels.");
   m.def("_philox_words_cpu", &fastdiff::philox_words_cpu,
         "Debug: Philox4x32-10 words of noise elements [offset, offset + numel), (numel, 4) int64.",

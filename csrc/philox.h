@@ -11,11 +11,15 @@
 //   z  = sqrt(-2 log u1) * cos(2 pi u2)  in float
 //
 // The uint32 words are bit-exact with the reference (tests/test_extension.py
-// checks them); log/cos/sqrt may differ from torch's by an ulp.
+// checks them); log/cos/sqrt may differ from torch's by an ulp.  On the host,
+// log and cos are vec_math.h's, which the CPU kernel vectorises; normal() and
+// the kernel give the same bits.
 #pragma once
 
 #include <math.h>
 #include <stdint.h>
+
+#include "vec_math.h"
 
 #if defined(__CUDACC__)
 #define FASTDIFF_HOST_DEVICE __host__ __device__ __forceinline__
@@ -85,10 +89,29 @@ FASTDIFF_HOST_DEVICE float uniform_u2(uint32_t w1) {
 }
 
 // Box-Muller in float as the reference computes it (its Python constants 2.0
-// and 2*pi are rounded to float before use).
-FASTDIFF_HOST_DEVICE float box_muller(float u1, float u2) {
+// and 2*pi are rounded to float before use): sqrt(radius_sq(u1)) *
+// cos_angle(u2).  The factors are separate functions because the CPU kernel
+// vectorises them over a block and takes the square roots in a loop of its own
+// (a sqrtf call, which may set errno, would keep the loop scalar).
+FASTDIFF_HOST_DEVICE float radius_sq(float u1) {
+#if defined(__CUDA_ARCH__)
+  return -2.0f * logf(u1);
+#else
+  return -2.0f * vec_math::log_pos(u1);
+#endif
+}
+
+FASTDIFF_HOST_DEVICE float cos_angle(float u2) {
   constexpr float kTwoPi = static_cast<float>(2.0 * 3.14159265358979323846);
-  return sqrtf(-2.0f * logf(u1)) * cosf(kTwoPi * u2);
+#if defined(__CUDA_ARCH__)
+  return cosf(kTwoPi * u2);
+#else
+  return vec_math::cos_small(kTwoPi * u2);
+#endif
+}
+
+FASTDIFF_HOST_DEVICE float box_muller(float u1, float u2) {
+  return sqrtf(radius_sq(u1)) * cos_angle(u2);
 }
 
 // Noise element i of stream seed: fastdiff.reference.philox.philox_normal(seed, n)[i].

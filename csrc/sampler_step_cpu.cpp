@@ -30,23 +30,39 @@
 #include <limits>
 #include <type_traits>
 
-namespace fastdiff {
-namespace {
-
 // Extensions are compiled for the baseline ISA (SSE2 on x86-64); where the
 // toolchain supports function multi-versioning (ifunc), the block loop is also
-// compiled for AVX2 and AVX-512 and the best one is picked at load time.
+// compiled for AVX2 and AVX-512, philox_normals has versions for them written
+// with intrinsics, and the best ones are picked at load time.
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTDIFF_MULTIVERSIONED 1
 #define FASTDIFF_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
+#define FASTDIFF_MULTIVERSIONED 0
 #define FASTDIFF_TARGET_CLONES
 #endif
+
+#if FASTDIFF_MULTIVERSIONED
+// GCC 12.2's AVX-512 intrinsics pass _mm512_undefined_* values that it then
+// warns "may be used uninitialized" wherever they are inlined.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#endif
+
+namespace fastdiff {
+namespace {
 
 // Flat elements per parallel task: amortises the task overhead while still
 // splitting a 64x3x32x32 batch (196608 elements) across a few threads.
 constexpr int64_t kGrain = 32768;
-// Elements per block: bounds the Philox scratch buffers (3 x 2 KiB, in L1).
+// Elements per block: bounds the Philox scratch buffers (5 x 2 KiB, in L1).
 constexpr int64_t kBlock = 512;
+// Philox normals are computed for whole groups of kPhiloxGroup elements (the
+// AVX-512 loop's step), past len into the scratch buffers' spare room.
+constexpr int64_t kPhiloxGroup = 16;
+static_assert(kBlock % kPhiloxGroup == 0, "a block's padded length must fit its buffers");
 
 enum class Model { kNone, kPlain, kGuided };
 enum class Noise { kNone, kTensor, kSeed };
@@ -140,22 +156,164 @@ FASTDIFF_TARGET_CLONES void step_block(const Inputs<scalar_t, acc_t>& in, const 
   }
 }
 
-// Noise elements [i0, i0 + len) (len <= kBlock) of stream seed into out.  The
-// integer Philox rounds and the log/cos of Box-Muller run as separate loops:
-// the first vectorises, and keeping the libm calls out of it lets the rounds
-// of neighbouring elements overlap (about twice as fast as one fused loop).
-FASTDIFF_TARGET_CLONES void philox_normals(uint64_t seed, int64_t i0, int64_t len,
-                                           float* __restrict__ out) {
-  float u1[kBlock], u2[kBlock];
-  for (int64_t j = 0; j < len; ++j) {
-    const philox::Words w = philox::noise_words(seed, static_cast<uint64_t>(i0 + j));
-    u1[j] = philox::uniform_u1(w.w0);
-    u2[j] = philox::uniform_u2(w.w1);
-  }
-  for (int64_t j = 0; j < len; ++j) {
-    out[j] = philox::box_muller(u1[j], u2[j]);
+// Philox normals of a block, in three passes over L1-resident buffers:
+//   1. the Philox words w0, w1 of each element;
+//   2. the Box-Muller factors radius_sq(u1) and cos_angle(u2) (philox.h), plain
+//      C++ that the compiler vectorises for the caller's ISA;
+//   3. out = sqrt(radius_sq) * cos_angle.
+// On x86-64, passes 1 and 3 are written with intrinsics in AVX-512 and AVX2
+// versions of philox_normals (function multi-versioning picks one at load
+// time): the compiler does not vectorise pass 3 at all, as sqrtf may set
+// errno, and vectorises pass 1 with shuffles around every 32x32->64-bit
+// product, which holding each word in a 64-bit lane avoids (see the AVX-512
+// version).  Every version computes the same bits as philox::normal.
+
+// Pass 2 for elements [0, n).
+inline void box_muller_factors(int64_t n, const uint32_t* __restrict__ w0,
+                               const uint32_t* __restrict__ w1, float* __restrict__ radius_sq,
+                               float* __restrict__ cos_angle) {
+  for (int64_t j = 0; j < n; ++j) {
+    radius_sq[j] = philox::radius_sq(philox::uniform_u1(w0[j]));
+    cos_angle[j] = philox::cos_angle(philox::uniform_u2(w1[j]));
   }
 }
+
+// Noise elements [i0, i0 + len) (len <= kBlock) of stream seed into out; the
+// vector versions below also fill out past len, up to a multiple of
+// kPhiloxGroup.
+#if FASTDIFF_MULTIVERSIONED
+__attribute__((target("default")))
+#endif
+void philox_normals(uint64_t seed, int64_t i0, int64_t len, float* __restrict__ out) {
+  uint32_t w0[kBlock], w1[kBlock];
+  float radius_sq[kBlock], cos_angle[kBlock];
+  for (int64_t j = 0; j < len; ++j) {
+    const philox::Words w = philox::noise_words(seed, static_cast<uint64_t>(i0 + j));
+    w0[j] = w.w0;
+    w1[j] = w.w1;
+  }
+  box_muller_factors(len, w0, w1, radius_sq, cos_angle);
+  for (int64_t j = 0; j < len; ++j) {
+    out[j] = sqrtf(radius_sq[j]) * cos_angle[j];
+  }
+}
+
+#if FASTDIFF_MULTIVERSIONED
+// Philox in 64-bit lanes: each lane holds one element's 32-bit word in its low
+// half, so vpmuludq yields the full 64-bit product (it ignores the high
+// halves, which may hold garbage), a dword swap brings its high half down,
+// and vpternlogd takes the three-way xor.  Two vectors per step hide the
+// multiply's latency as well as four do, without spilling registers.
+__attribute__((target("avx512f"))) void philox_normals(uint64_t seed, int64_t i0, int64_t len,
+                                                       float* __restrict__ out) {
+  alignas(64) uint32_t w0[kBlock], w1[kBlock];
+  alignas(64) float radius_sq[kBlock], cos_angle[kBlock];
+  constexpr int kVecs = 2;
+  static_assert(kPhiloxGroup == 8 * kVecs, "one step is one group");
+  constexpr int kXor3 = 0x96;  // ternary-logic truth table of a ^ b ^ c
+  const int64_t n = (len + kPhiloxGroup - 1) / kPhiloxGroup * kPhiloxGroup;
+  const __m512i m0 = _mm512_set1_epi64(philox::kM0);
+  const __m512i m1 = _mm512_set1_epi64(philox::kM1);
+  const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  // Low dwords of two vectors, in element order.
+  const __m512i low_dwords =
+      _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  for (int64_t j = 0; j < n; j += kPhiloxGroup) {
+    __m512i c0[kVecs], c1[kVecs], c2[kVecs], c3[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      // Counter (lo32(i), hi32(i), 0, 0) of element i = i0 + j + 8 v + lane.
+      const __m512i i = _mm512_add_epi64(_mm512_set1_epi64(i0 + j + 8 * v), lanes);
+      c0[v] = i;
+      c1[v] = _mm512_srli_epi64(i, 32);
+      c2[v] = _mm512_setzero_si512();
+      c3[v] = _mm512_setzero_si512();
+    }
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < philox::kRounds; ++r) {
+      const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0));
+      const __m512i key1 = _mm512_set1_epi32(static_cast<int>(k1));
+      for (int v = 0; v < kVecs; ++v) {
+        const __m512i p0 = _mm512_mul_epu32(c0[v], m0);
+        const __m512i p1 = _mm512_mul_epu32(c2[v], m1);
+        c0[v] = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p1, _MM_PERM_CDAB), c1[v], key0,
+                                          kXor3);
+        c1[v] = p1;
+        c2[v] = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p0, _MM_PERM_CDAB), c3[v], key1,
+                                          kXor3);
+        c3[v] = p0;
+      }
+      k0 += philox::kW0;
+      k1 += philox::kW1;
+    }
+    _mm512_store_si512(w0 + j, _mm512_permutex2var_epi32(c0[0], low_dwords, c0[1]));
+    _mm512_store_si512(w1 + j, _mm512_permutex2var_epi32(c1[0], low_dwords, c1[1]));
+  }
+  box_muller_factors(n, w0, w1, radius_sq, cos_angle);
+  for (int64_t j = 0; j < n; j += 16) {
+    _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_sqrt_ps(_mm512_load_ps(radius_sq + j)),
+                                            _mm512_load_ps(cos_angle + j)));
+  }
+}
+
+// As the AVX-512 version, in 4-lane vectors and with two xors for vpternlogd.
+__attribute__((target("avx2"))) void philox_normals(uint64_t seed, int64_t i0, int64_t len,
+                                                    float* __restrict__ out) {
+  alignas(32) uint32_t w0[kBlock], w1[kBlock];
+  alignas(32) float radius_sq[kBlock], cos_angle[kBlock];
+  constexpr int kVecs = 2;
+  constexpr int kSwapDwords = _MM_SHUFFLE(2, 3, 0, 1);
+  constexpr int kEvenDwords = _MM_SHUFFLE(2, 0, 2, 0);
+  constexpr int kQwordOrder = _MM_SHUFFLE(3, 1, 2, 0);
+  constexpr int kStep = 4 * kVecs;
+  const int64_t n = (len + kStep - 1) / kStep * kStep;
+  const __m256i m0 = _mm256_set1_epi64x(philox::kM0);
+  const __m256i m1 = _mm256_set1_epi64x(philox::kM1);
+  const __m256i lanes = _mm256_set_epi64x(3, 2, 1, 0);
+  for (int64_t j = 0; j < n; j += kStep) {
+    __m256i c0[kVecs], c1[kVecs], c2[kVecs], c3[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      const __m256i i = _mm256_add_epi64(_mm256_set1_epi64x(i0 + j + 4 * v), lanes);
+      c0[v] = i;
+      c1[v] = _mm256_srli_epi64(i, 32);
+      c2[v] = _mm256_setzero_si256();
+      c3[v] = _mm256_setzero_si256();
+    }
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < philox::kRounds; ++r) {
+      const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0));
+      const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1));
+      for (int v = 0; v < kVecs; ++v) {
+        const __m256i p0 = _mm256_mul_epu32(c0[v], m0);
+        const __m256i p1 = _mm256_mul_epu32(c2[v], m1);
+        c0[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(p1, kSwapDwords), c1[v]),
+                                 key0);
+        c1[v] = p1;
+        c2[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(p0, kSwapDwords), c3[v]),
+                                 key1);
+        c3[v] = p0;
+      }
+      k0 += philox::kW0;
+      k1 += philox::kW1;
+    }
+    // The low dwords of vectors a, b in element order: shuffle_ps gives
+    // (a0 a2 b0 b2 | a4 a6 b4 b6), the qword permutation (a0 a2 a4 a6 b0 b2 b4 b6).
+    const __m256 w0_pairs =
+        _mm256_shuffle_ps(_mm256_castsi256_ps(c0[0]), _mm256_castsi256_ps(c0[1]), kEvenDwords);
+    const __m256 w1_pairs =
+        _mm256_shuffle_ps(_mm256_castsi256_ps(c1[0]), _mm256_castsi256_ps(c1[1]), kEvenDwords);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w0 + j),
+                       _mm256_permute4x64_epi64(_mm256_castps_si256(w0_pairs), kQwordOrder));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w1 + j),
+                       _mm256_permute4x64_epi64(_mm256_castps_si256(w1_pairs), kQwordOrder));
+  }
+  box_muller_factors(n, w0, w1, radius_sq, cos_angle);
+  for (int64_t j = 0; j < n; j += 8) {
+    _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_sqrt_ps(_mm256_load_ps(radius_sq + j)),
+                                            _mm256_load_ps(cos_angle + j)));
+  }
+}
+
+#endif
 
 template <typename scalar_t, typename acc_t, Model kModel, Noise kNoise, bool kPrev, bool kPrev2,
           bool kX0>

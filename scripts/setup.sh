@@ -17,7 +17,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q ninja pybind11 numpy setuptools wheel
 # Optional pieces: Triton (its interpreter runs the Triton kernels' tests on CPU),
-# test and benchmark tools, diffusers for the parity tests, cmake for the C++ build check.
-"$PY" -m pip install -q triton pytest pytest-benchmark scipy diffusers cmake
+# test and benchmark tools, diffusers for the parity tests, cmake for the C++ build check,
+# scikit-learn for the digits data of `python -m fastdiff train`.
+"$PY" -m pip install -q triton pytest pytest-benchmark scipy diffusers cmake scikit-learn
 "$PY" -m pip install -q --no-build-isolation -e .
 "$PY" -c "import fastdiff; print('fastdiff', fastdiff.__version__, 'backends:', fastdiff.backends())"

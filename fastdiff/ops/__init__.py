@@ -5,7 +5,9 @@ The sampler updates all run through one fused op, ``sampler_step``; the
 call it, and the ``*_coefs`` builders let a scheduler precompute whole tables.
 """
 
+from .attention import attention
 from .group_norm import group_norm_silu
+from .linear_attention import linear_attention
 from .sampler_step import NUM_COEFS, sampler_step
 from .steps import (
     PREDICTION_TYPES,
@@ -29,6 +31,7 @@ __all__ = [
     "NUM_COEFS",
     "PREDICTION_TYPES",
     "add_noise",
+    "attention",
     "churn",
     "ddim_coefs",
     "ddim_step",
@@ -42,6 +45,7 @@ __all__ = [
     "group_norm_silu",
     "heun_coefs",
     "heun_step",
+    "linear_attention",
     "sampler_step",
     "sigma_x0_coefs",
 ]

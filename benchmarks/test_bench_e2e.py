@@ -1,0 +1,202 @@
+"""End to end: whole DDPM sampling runs and a training step of a CIFAR-sized U-Net.
+
+The model is the DDPM U-Net of denoising-diffusion-pytorch 1.11.1 (dim 64,
+dim_mults 1-2-4-8, GroupNorm blocks), 3x32x32 images:
+
+* ``eager``            -- the transcribed 1.11.1 ``Unet`` (tests/_ddpm_unet.py with its
+                          1.x blocks) + the sampler update written as diffusers /
+                          k-diffusion write it (plain torch ops);
+* ``optimize``         -- that same model after ``fastdiff.optimize`` (fused attention
+                          and GroupNorm+scale-shift+SiLU) + fastdiff's fused sampler;
+* ``fastdiff``         -- ``fastdiff.nn.UNet`` with the same weights + fastdiff's
+                          scheduler / sampler (fused steps);
+* ``compile``          -- ``torch.compile`` of the eager model + the eager update;
+* ``fastdiff+compile`` -- ``torch.compile`` of ``fastdiff.nn.UNet`` + fastdiff's sampler.
+
+Kinds: ``ddim`` (100 DDIM steps on GPU), ``heun`` (18 EDM/Karras Heun steps, 35 model
+calls, on GPU), ``train`` (one forward + backward of the DDPM loss).  On CPU the
+runs are shrunk so they finish (batch 2, 5 DDIM / 3 Heun steps).  ``bytes`` is the
+lower bound "parameters read once per model call" (activations excluded).
+"""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sampler_cases import DEVICES
+from test_bench_sampling import kd_sample_heun
+
+import fastdiff
+from fastdiff import schedules
+from fastdiff.cli import _EpsDenoiser
+from fastdiff.nn.unet import UNet
+from fastdiff.sampling import get_sigmas_karras, sample_heun
+from fastdiff.schedulers import DDIMScheduler
+from fastdiff.testing import max_rel_error
+from fastdiff.training import ddpm_loss
+
+_DDPM_MODULE = "denoising_diffusion_pytorch.denoising_diffusion_pytorch"
+
+
+def _ddpm():
+    """tests/_ddpm_unet.py under the package's module name (so fastdiff.optimize matches it)."""
+    if _DDPM_MODULE in sys.modules:
+        return sys.modules[_DDPM_MODULE]
+    path = pathlib.Path(__file__).parent.parent / "tests" / "_ddpm_unet.py"
+    spec = importlib.util.spec_from_file_location(_DDPM_MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_DDPM_MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+CONFIG = dict(dim=64, dim_mults=(1, 2, 4, 8))
+IMPLS = ("eager", "optimize", "fastdiff", "compile", "fastdiff+compile")
+KINDS = ("ddim", "heun", "train")
+
+
+def _sizes(device):
+    if device == "cuda":
+        return dict(batch=64, ddim_steps=100, heun_steps=18, rounds=3)
+    return dict(batch=2, ddim_steps=5, heun_steps=3, rounds=2)
+
+
+_MODELS = {}
+
+
+def _models(device):
+    """{"eager", "optimize", "fastdiff"} models with identical weights (built once per device)."""
+    if device not in _MODELS:
+        D = _ddpm()
+        _, v1_resnet_block = D.v1_blocks()
+        torch.manual_seed(0)
+        ref = D.Unet(**CONFIG, resnet_block=v1_resnet_block)
+        ours = UNet(**CONFIG)
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        opt = D.Unet(**CONFIG, resnet_block=v1_resnet_block)
+        opt.load_state_dict(ref.state_dict(), strict=True)
+        fastdiff.optimize(opt)
+        _MODELS[device] = {k: m.to(device).eval() for k, m in
+                           (("eager", ref), ("optimize", opt), ("fastdiff", ours))}
+    return _MODELS[device]
+
+
+_COMPILED = {}
+
+
+def _model_for(impl, device):
+    models = _models(device)
+    if impl == "compile":
+        key = (device, "eager")
+    elif impl == "fastdiff+compile":
+        key = (device, "fastdiff")
+    else:
+        return models[impl]
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(models[key[1]])
+    return _COMPILED[key]
+
+
+def _fused_sampler(impl):
+    return impl in ("optimize", "fastdiff", "fastdiff+compile")
+
+
+@torch.no_grad()
+def eager_ddim(model, x, ab, timesteps):
+    """diffusers DDIMScheduler.step (η = 0, ε prediction, clip_sample, set_alpha_to_one) as torch ops."""
+    for i, t in enumerate(timesteps):
+        eps = model(x, torch.full((x.shape[0],), t, device=x.device))
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        ab_t = ab[t]
+        ab_prev = ab[prev] if prev >= 0 else torch.ones((), device=x.device)
+        x0 = ((x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1, 1)
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+    return x
+
+
+@torch.no_grad()
+def fastdiff_ddim(model, x, scheduler):
+    for t in scheduler.timesteps:
+        eps = model(x, t.expand(x.shape[0]))
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+def eager_train_step(model, x0, ab, noise, t):
+    ab_t = ab[t].view(-1, 1, 1, 1)
+    x_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * noise
+    loss = F.mse_loss(model(x_t, t), noise)
+    loss.backward()
+    return loss
+
+
+def fastdiff_train_step(model, x0, ab, noise, t):
+    loss = ddpm_loss(model, x0, ab, noise=noise, timesteps=t)
+    loss.backward()
+    return loss
+
+
+PARAMS = [pytest.param(dev, kind, impl, id=f"{dev}-{kind}-{impl}")
+          for dev in DEVICES for kind in KINDS for impl in IMPLS]
+
+
+@pytest.mark.parametrize("device, kind, impl", PARAMS)
+def test_e2e(benchmark, device, kind, impl):
+    sz = _sizes(device)
+    shape = (sz["batch"], 3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(shape, generator=g).to(device)
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 1000)).to(device)
+    model = _model_for(impl, device)
+    n_params = sum(p.numel() * p.element_size() for p in _models(device)["eager"].parameters())
+
+    if kind == "ddim":
+        scheduler = DDIMScheduler(timestep_spacing="trailing")
+        scheduler.set_timesteps(sz["ddim_steps"], device=device)
+        timesteps = [int(t) for t in scheduler.timesteps]
+        if _fused_sampler(impl):
+            fn = lambda: fastdiff_ddim(model, x_T, scheduler)  # noqa: E731
+        else:
+            fn = lambda: eager_ddim(model, x_T, ab, timesteps)  # noqa: E731
+        calls = sz["ddim_steps"]
+    elif kind == "heun":
+        den = _EpsDenoiser(model, ab)
+        sigmas = get_sigmas_karras(sz["heun_steps"], den.sigmas[0].item(), 80.0, device=device)
+        x = x_T * sigmas[0]
+        if _fused_sampler(impl):
+            fn = lambda: sample_heun(den, x, sigmas, disable=True)  # noqa: E731
+        else:
+            fn = lambda: kd_sample_heun(den, x, sigmas)  # noqa: E731
+        calls = 2 * sz["heun_steps"] - 1
+    else:
+        x0 = torch.randn(shape, generator=g).clamp(-1, 1).to(device)
+        noise = torch.randn(shape, generator=g).to(device)
+        t = torch.randint(0, 1000, (shape[0],), generator=g).to(device)
+        train_model = model
+        step = fastdiff_train_step if _fused_sampler(impl) else eager_train_step
+
+        def fn():
+            train_model.zero_grad(set_to_none=True)
+            return step(train_model, x0, ab, noise, t)
+        calls = 3  # forward + backward (~2 forwards)
+
+    # same numbers as the eager run (a few steps of fp32 drift allowed)
+    if impl != "eager" and kind != "train":
+        ref = {"ddim": lambda: eager_ddim(_models(device)["eager"], x_T, ab, timesteps),
+               "heun": lambda: kd_sample_heun(_EpsDenoiser(_models(device)["eager"], ab), x, sigmas)}[kind]()
+        assert max_rel_error(fn(), ref) < 1e-2
+
+    if device == "cuda":
+        def timed():
+            fn()
+            torch.cuda.synchronize()
+    else:
+        timed = fn
+    timed()  # warm-up (and compilation)
+    benchmark.group = f"{device}-float32-unet64-b{shape[0]}-e2e_{kind}"
+    benchmark.extra_info.update(device=device, dtype="float32", shape=f"unet64-{'x'.join(map(str, shape))}",
+                                kind=f"e2e_{kind}", impl=impl, bytes=calls * n_params)
+    benchmark.pedantic(timed, rounds=sz["rounds"], iterations=1, warmup_rounds=0)
