@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), run the benchmarks and rewrite benchmarks/RESULTS.md.
+# The main job: set up (scripts/setup.sh) and print the fastdiff vs eager vs
+# torch.compile table for this device.  Extra arguments go to
+# `python -m fastdiff bench` (e.g. --full, --device cuda, --dtype fp16).
+# The full pytest-benchmark suite and benchmarks/RESULTS.md:
+#   python benchmarks/make_results.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
-"$PY" benchmarks/make_results.py "$@"
-cat benchmarks/RESULTS.md
+"$PY" -m fastdiff bench "$@"
