@@ -1,4 +1,5 @@
-"""A transcription of denoising-diffusion-pytorch's U-Net, for tests/test_optimize.py.
+"""A transcription of denoising-diffusion-pytorch's U-Net, for tests/test_optimize.py,
+test_attention_modules.py and test_unet.py.
 
 The package imports torchvision (no CPU build here) and einops, so the classes
 the U-Net is made of are copied from ``denoising_diffusion_pytorch/denoising_diffusion_pytorch.py``

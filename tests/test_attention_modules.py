@@ -1,13 +1,11 @@
 """fastdiff.nn.Attention / LinearAttention against denoising-diffusion-pytorch's modules,
 and FastdiffAttnProcessor against diffusers' default attention processors."""
 
-from functools import partial
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+import _ddpm_unet
 import fastdiff.nn.attention as fd_attention
 from fastdiff import use_backend
 from fastdiff.nn.attention import Attention, LinearAttention, dot_product_attention
@@ -17,114 +15,9 @@ from fastdiff.testing import assert_close, device_backends
 CPU_BACKENDS = [b for d, b in device_backends() if d == "cpu" and b in ("triton", "torch")]
 
 
-# --------------------------------------------------------------------------
-# denoising-diffusion-pytorch 2.3.4, denoising_diffusion_pytorch/denoising_diffusion_pytorch.py
-# and attend.py (the non-flash path), transcribed: the package imports torchvision,
-# accelerate and einops at import time.  Each einops call is replaced by the
-# reshape / transpose / expand it performs (the original in the comment above it).
-# --------------------------------------------------------------------------
-
-
-class DDPRMSNorm(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.scale = dim ** 0.5
-        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
-
-    def forward(self, x):
-        return F.normalize(x, dim = 1) * self.g * self.scale
-
-
-class DDPAttend(nn.Module):
-    def __init__(self, dropout = 0., flash = False, scale = None):
-        super().__init__()
-        self.dropout = dropout
-        self.scale = scale
-        self.attn_dropout = nn.Dropout(dropout)
-        self.flash = flash
-
-    def forward(self, q, k, v):
-        scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
-        sim = torch.einsum("b h i d, b h j d -> b h i j", q, k) * scale
-        attn = sim.softmax(dim = -1)
-        attn = self.attn_dropout(attn)
-        return torch.einsum("b h i j, b h j d -> b h i d", attn, v)
-
-
-class DDPLinearAttention(nn.Module):
-    def __init__(self, dim, heads = 4, dim_head = 32, num_mem_kv = 4):
-        super().__init__()
-        self.scale = dim_head ** -0.5
-        self.heads = heads
-        hidden_dim = dim_head * heads
-
-        self.norm = DDPRMSNorm(dim)
-
-        self.mem_kv = nn.Parameter(torch.randn(2, heads, dim_head, num_mem_kv))
-        self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias = False)
-
-        self.to_out = nn.Sequential(
-            nn.Conv2d(hidden_dim, dim, 1),
-            DDPRMSNorm(dim)
-        )
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-
-        x = self.norm(x)
-
-        qkv = self.to_qkv(x).chunk(3, dim = 1)
-        # rearrange(t, 'b (h c) x y -> b h c (x y)', h = self.heads)
-        q, k, v = map(lambda t: t.reshape(b, self.heads, -1, h * w), qkv)
-
-        # repeat(t, 'h c n -> b h c n', b = b)
-        mk, mv = map(lambda t: t.unsqueeze(0).expand(b, -1, -1, -1), self.mem_kv)
-        k, v = map(partial(torch.cat, dim = -1), ((mk, k), (mv, v)))
-
-        q = q.softmax(dim = -2)
-        k = k.softmax(dim = -1)
-
-        q = q * self.scale
-
-        context = torch.einsum('b h d n, b h e n -> b h d e', k, v)
-
-        out = torch.einsum('b h d e, b h d n -> b h e n', context, q)
-        # rearrange(out, 'b h c (x y) -> b (h c) x y', h = self.heads, x = h, y = w)
-        out = out.reshape(b, -1, h, w)
-        return self.to_out(out)
-
-
-class DDPAttention(nn.Module):
-    def __init__(self, dim, heads = 4, dim_head = 32, num_mem_kv = 4, flash = False):
-        super().__init__()
-        self.heads = heads
-        hidden_dim = dim_head * heads
-
-        self.norm = DDPRMSNorm(dim)
-        self.attend = DDPAttend(flash = flash)
-
-        self.mem_kv = nn.Parameter(torch.randn(2, heads, num_mem_kv, dim_head))
-        self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias = False)
-        self.to_out = nn.Conv2d(hidden_dim, dim, 1)
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-
-        x = self.norm(x)
-
-        qkv = self.to_qkv(x).chunk(3, dim = 1)
-        # rearrange(t, 'b (h c) x y -> b h (x y) c', h = self.heads)
-        q, k, v = map(lambda t: t.reshape(b, self.heads, -1, h * w).transpose(-1, -2), qkv)
-
-        # repeat(t, 'h n d -> b h n d', b = b)
-        mk, mv = map(lambda t: t.unsqueeze(0).expand(b, -1, -1, -1), self.mem_kv)
-        k, v = map(partial(torch.cat, dim = -2), ((mk, k), (mv, v)))
-
-        out = self.attend(q, k, v)
-
-        # rearrange(out, 'b h (x y) d -> b (h d) x y', x = h, y = w)
-        out = out.transpose(-1, -2).reshape(b, -1, h, w)
-        return self.to_out(out)
+# denoising-diffusion-pytorch 2.3.4's modules, transcribed in tests/_ddpm_unet.py
+# (the package imports torchvision, accelerate and einops at import time).
+DDPLinearAttention, DDPAttention = _ddpm_unet.LinearAttention, _ddpm_unet.Attention
 
 
 # --------------------------------------------------------------------------
