@@ -81,6 +81,7 @@ def extension():
 
 setup(
     packages=find_packages(include=["fastdiff", "fastdiff.*"]),
+    package_data={"fastdiff": ["assets/*.pt"]},  # the digits demo's weights
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -15,7 +15,7 @@ TORCH_SPEC=${FASTDIFF_TORCH:-torch==2.13.0}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "$TORCH_SPEC"
 fi
-"$PY" -m pip install -q ninja pybind11 numpy setuptools wheel
+"$PY" -m pip install -q ninja pybind11 numpy setuptools wheel tqdm
 # Optional pieces: Triton (its interpreter runs the Triton kernels' tests on CPU),
 # test and benchmark tools, diffusers for the parity tests, cmake for the C++ build check,
 # scikit-learn for the digits data of `python -m fastdiff train`.
