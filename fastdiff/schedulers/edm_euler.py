@@ -3,7 +3,6 @@ diffusers' class of that name."""
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Optional, Sequence, Union
 
@@ -13,8 +12,6 @@ from ..ops import euler_coefs
 from ..reference.sampler_step import A_M, A_X
 from .base import CoefTable, Generator, SchedulerBase, SchedulerOutput, check_choice, register_to_config
 from .euler import FINAL_SIGMAS_TYPES, SigmaSchedulerMixin, churn_gammas, with_churn
-
-logger = logging.getLogger("fastdiff.schedulers")
 
 
 class EDMEulerScheduler(SigmaSchedulerMixin, SchedulerBase):
@@ -171,23 +168,7 @@ class EDMEulerScheduler(SigmaSchedulerMixin, SchedulerBase):
         Returns ``SchedulerOutput(prev_sample, pred_original_sample)`` or, with
         ``return_dict=False``, ``(prev_sample, pred_original_sample)``.
         """
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError(
-                "EDMEulerScheduler.step: timestep must be one of scheduler.timesteps, not an "
-                "integer index (e.g. from enumerate(timesteps))"
-            )
-        if not self.is_scale_input_called:
-            logger.warning("EDMEulerScheduler: call scale_model_input before step "
-                           "to scale the model input correctly")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
         given = pred_original_sample is not None
-        table, noisy = self._table_for(s_churn, s_tmin, s_tmax, s_noise, given)
-        noise = self._noise_kwargs(sample, generator, model_output.dtype) if noisy[i] else {}
-        prev, x0 = self._fused(table, i, sample, pred_original_sample if given else model_output, **noise)
-        self._after_noise(noise)
-        self._step_index += 1
-        if not return_dict:
-            return (prev, x0)
-        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return self._churn_step(timestep, sample, pred_original_sample if given else model_output,
+                                model_output.dtype, (s_churn, s_tmin, s_tmax, s_noise, given),
+                                generator, return_dict)

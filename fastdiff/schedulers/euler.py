@@ -78,6 +78,33 @@ class SigmaSchedulerMixin:
         return self._fused(self._noising_table(), index, original_samples, None, noise=noise,
                            return_x0=False)
 
+    def _churn_step(self, timestep, sample: torch.Tensor, model_input: torch.Tensor,
+                    noise_dtype: torch.dtype, table_args: tuple, generator: Generator,
+                    return_dict: bool):
+        """The body of the Euler-type ``step`` (EulerDiscrete, EDMEuler): one fused
+        pass on row ``step_index`` of the churn table ``self._table_for(*table_args)``,
+        noise drawn only on the steps where diffusers draws it."""
+        name = type(self).__name__
+        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            raise ValueError(
+                f"{name}.step: timestep must be one of scheduler.timesteps, not an "
+                "integer index (e.g. from enumerate(timesteps))"
+            )
+        if not self.is_scale_input_called:
+            logger.warning(f"{name}: call scale_model_input before step "
+                           "to scale the model input correctly")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        table, noisy = self._table_for(*table_args)
+        noise = self._noise_kwargs(sample, generator, noise_dtype) if noisy[i] else {}
+        prev, x0 = self._fused(table, i, sample, model_input, **noise)
+        self._after_noise(noise)
+        self._step_index += 1
+        if not return_dict:
+            return (prev, x0)
+        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
     def _noising_table(self) -> CoefTable:
         """Row i: x0 + σ_i ε (kept until the next set_timesteps)."""
         if "noising" not in self._tables:
@@ -263,25 +290,8 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, SchedulerBase):
         Returns ``SchedulerOutput(prev_sample, pred_original_sample)`` or, with
         ``return_dict=False``, ``(prev_sample, pred_original_sample)``.
         """
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError(
-                "EulerDiscreteScheduler.step: timestep must be one of scheduler.timesteps, not an "
-                "integer index (e.g. from enumerate(timesteps))"
-            )
-        if not self.is_scale_input_called:
-            logger.warning("EulerDiscreteScheduler: call scale_model_input before step "
-                           "to scale the model input correctly")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
-        table, noisy = self._table_for(s_churn, s_tmin, s_tmax, s_noise)
-        noise = self._noise_kwargs(sample, generator, model_output.dtype) if noisy[i] else {}
-        prev, x0 = self._fused(table, i, sample, model_output, **noise)
-        self._after_noise(noise)
-        self._step_index += 1
-        if not return_dict:
-            return (prev, x0)
-        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return self._churn_step(timestep, sample, model_output, model_output.dtype,
+                                (s_churn, s_tmin, s_tmax, s_noise), generator, return_dict)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor,
                      timesteps: torch.Tensor) -> torch.Tensor:
