@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from _sampler_inputs import make_sampler_inputs
 
 import fastdiff
 from fastdiff import BackendNotSupportedError, use_backend
@@ -30,37 +31,7 @@ CASES = {
 
 
 def make_inputs(case, shape, dtype, device, rows=None):
-    """Random inputs for ``case``: per-sample coefficient rows of realistic size."""
-    batch = shape[0]
-    spec = CASES[case]
-    g = torch.Generator().manual_seed(1234)
-
-    def rnd(*s):
-        return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
-
-    n_rows = rows or batch
-    coefs = (torch.rand(n_rows, NUM_COEFS, generator=g, dtype=torch.float64) * 2 - 1)
-    coefs = coefs.to(device=device, dtype=ref.opmath_dtype(dtype))
-    kw = dict(x=rnd(*shape), model_output=None, coefs=coefs)
-    if spec.get("model"):
-        kw["model_output"] = rnd(2 * batch if spec.get("cfg") else batch, *shape[1:])
-    if spec.get("cfg"):
-        kw["guidance_scale"] = 7.5
-    if spec.get("prev"):
-        kw["prev"] = rnd(*shape)
-    if spec.get("prev2"):
-        kw["prev2"] = rnd(*shape)
-    if spec.get("noise") == "tensor":
-        kw["noise"] = rnd(*shape)
-    if spec.get("noise") == "seed":
-        kw["seed"] = 987654321987
-    if spec.get("clip"):
-        kw["clip_range"] = spec["clip"]
-    if spec.get("index"):
-        kw["coefs"] = torch.cat([coefs, coefs.flip(0)])  # 2B rows, gathered per sample
-        kw["index"] = torch.randint(0, 2 * n_rows, (batch,), generator=g).to(device)
-    kw["return_x0"] = bool(spec.get("x0"))
-    return kw
+    return make_sampler_inputs(CASES[case], shape, dtype, device, rows)
 
 
 def run(backend, kw):

@@ -10,6 +10,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 import torch  # noqa: E402
+from _sampler_inputs import make_sampler_inputs  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import fastdiff  # noqa: E402
@@ -54,37 +55,9 @@ CASES = {
 
 
 def make_inputs(case, shape, dtype=torch.float32, rows=None):
-    """Random inputs of ``case`` with a different coefficient row per sample
-    (or, with index, a table of ``rows`` rows gathered per sample)."""
-    spec = CASES[case]
-    batch = shape[0]
-    g = torch.Generator().manual_seed(1234)
-
-    def rnd(*s):
-        return torch.randn(*s, generator=g).to(device=DEVICE, dtype=dtype)
-
-    n_rows = rows or (batch + 3 if spec.get("index") else batch)
-    coefs = torch.rand(n_rows, NUM_COEFS, generator=g, dtype=torch.float64) * 2 - 1
-    kw = dict(x=rnd(*shape), model_output=None,
-              coefs=coefs.to(device=DEVICE, dtype=ref.opmath_dtype(dtype)))
-    if spec.get("model"):
-        kw["model_output"] = rnd(2 * batch if spec.get("cfg") else batch, *shape[1:])
-    if spec.get("cfg"):
-        kw["guidance_scale"] = 7.3
-    if spec.get("prev"):
-        kw["prev"] = rnd(*shape)
-    if spec.get("prev2"):
-        kw["prev2"] = rnd(*shape)
-    if spec.get("noise") == "tensor":
-        kw["noise"] = rnd(*shape)
-    if spec.get("noise") == "seed":
-        kw["seed"] = 987654321987
-    if spec.get("clip"):
-        kw["clip_range"] = spec["clip"]
-    if spec.get("index"):
-        kw["index"] = torch.randint(0, n_rows, (batch,), generator=g).to(DEVICE)
-    kw["return_x0"] = bool(spec.get("x0"))
-    return kw
+    """Inputs of ``case``: a coefficient row per sample, or with index a table
+    of ``rows`` rows gathered per sample."""
+    return make_sampler_inputs(CASES[case], shape, dtype, DEVICE, rows)
 
 
 def run(backend, kw):
