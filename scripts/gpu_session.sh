@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One lent-GPU session in one command: build the CUDA extension in place, then run
+# the named stages.  Usage (on the device machine, repo root):
+#     bash scripts/gpu_session.sh build tests sanitize bench e2e
+# Logs and results go to $OUT (the device tool's return folder) or /tmp/gpu_out.
+# A prebuilt module for this Python/torch (fastdiff/_C.*.so) is reused when it imports.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+
+stage_build() {
+    if python3 -c "import fastdiff._C as C, sys; sys.exit(0 if C.has_cuda() else 1)" 2>/dev/null; then
+        echo "build: reusing $(ls fastdiff/_C*.so)"
+    else
+        local t0=$SECONDS
+        TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FASTDIFF_BUILD_CUDA=1 \
+            python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+        echo "build: $((SECONDS - t0)) s"
+        grep -i "warning" "$OUT/build.log" | grep -v "^ninja" | sort -u | head -20
+    fi
+    cp fastdiff/_C*.so "$OUT/" 2>/dev/null
+    python3 -c "import fastdiff; print('backends', fastdiff.backends())"
+}
+
+stage_tests() {
+    local t0=$SECONDS
+    timeout ${TESTS_TIMEOUT:-420} python3 -m pytest tests -q -ra -n 8 --timeout 300 -p no:cacheprovider \
+        ${TESTS_ARGS:-} >"$OUT/tests.log" 2>&1
+    echo "tests: rc $? in $((SECONDS - t0)) s"
+    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-300 | head -60
+    tail -3 "$OUT/tests.log"
+}
+
+stage_sanitize() {
+    local t0=$SECONDS
+    for tool in memcheck racecheck; do
+        timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
+            python3 scripts/gpu_sanitize.py >"$OUT/sanitize_$tool.log" 2>&1
+        echo "sanitize $tool: rc $?"; tail -4 "$OUT/sanitize_$tool.log"
+    done
+    echo "sanitize: $((SECONDS - t0)) s"
+}
+
+stage_bench() {
+    local t0=$SECONDS
+    FASTDIFF_BENCH_DEVICES=cuda timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/make_results.py \
+        -k "${BENCH_K:-not e2e}" >"$OUT/bench.log" 2>&1
+    echo "bench: rc $? in $((SECONDS - t0)) s"
+    cp benchmarks/results/*.json "$OUT/" 2>/dev/null; cp benchmarks/RESULTS.md "$OUT/" 2>/dev/null
+    grep -E "passed|failed|Error" "$OUT/bench.log" | tail -5
+}
+
+for stage in "$@"; do "stage_$stage"; done
