@@ -1,9 +1,14 @@
-"""Run the benchmarks and rewrite benchmarks/RESULTS.md from that run.
+"""Run the benchmarks and rewrite benchmarks/RESULTS.md.
 
     python benchmarks/make_results.py [extra pytest args, e.g. -k latent]
+    FASTDIFF_BENCH_DEVICES=cuda python benchmarks/make_results.py   # GPU rows only
 
-Numbers are never typed by hand: the table is rendered from pytest-benchmark's
-JSON of this run, with the device, versions and backend named.
+Numbers are never typed by hand.  Each run's pytest-benchmark results are
+stored per device in benchmarks/results/<device>.json (a re-measured case
+replaces its old row; the device, versions and date of every run are kept),
+and RESULTS.md is rendered from all stored devices: the CPU rows measured on a
+CPU machine and the GPU rows measured on a GPU machine sit in one table, each
+device's provenance named in the header.
 """
 
 from __future__ import annotations
@@ -30,14 +35,60 @@ def run_benchmarks(extra: list[str]) -> dict:
             return json.load(f)
 
 
-def render(data: dict) -> str:
+RESULTS_DIR = os.path.join(HERE, "results")
+
+
+def _key(b: dict) -> tuple:
+    i = b["extra_info"]
+    return (i["dtype"], i["shape"], i["kind"], i["impl"])
+
+
+def store(data: dict) -> None:
+    """Merge this run's rows into benchmarks/results/<device>.json."""
     import torch
 
     import fastdiff
     from sampler_cases import backend_used, device_name
 
-    rows = defaultdict(dict)
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    by_device = defaultdict(list)
     for b in data["benchmarks"]:
+        by_device[b["extra_info"]["device"]].append(
+            {"extra_info": b["extra_info"], "stats": {"median": b["stats"]["median"]}})
+    for dev, rows in by_device.items():
+        path = os.path.join(RESULTS_DIR, f"{dev}.json")
+        old = {"runs": [], "benchmarks": []}
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+        try:
+            import triton
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        run = {"date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+               "device": device_name(dev), "backend": backend_used(dev), "torch": torch.__version__,
+               "triton": triton_version, "fastdiff": fastdiff.__version__, "cases": len(rows)}
+        merged = {_key(b): b for b in old["benchmarks"]}
+        merged.update({_key(b): b for b in rows})
+        with open(path, "w") as f:
+            json.dump({"runs": old["runs"] + [run], "benchmarks": list(merged.values())}, f, indent=1)
+
+
+def load() -> dict:
+    """{device: stored results} for every device measured so far."""
+    out = {}
+    if os.path.isdir(RESULTS_DIR):
+        for name in sorted(os.listdir(RESULTS_DIR)):
+            if name.endswith(".json"):
+                with open(os.path.join(RESULTS_DIR, name)) as f:
+                    out[name[:-5]] = json.load(f)
+    return out
+
+
+def render(stored: dict) -> str:
+    rows = defaultdict(dict)
+    for b in (b for dev in stored.values() for b in dev["benchmarks"]):
         info = b["extra_info"]
         key = (info["device"], info["dtype"], info["shape"], info["kind"])
         rows[key][info["impl"]] = b["stats"]["median"]
@@ -45,18 +96,19 @@ def render(data: dict) -> str:
         if info.get("flops"):
             rows[key]["flops"] = info["flops"]
 
-    devices = sorted({k[0] for k in rows})
     lines = [
         "# Benchmark results",
         "",
-        "Rewritten by `python benchmarks/make_results.py` from one run of "
-        "`pytest benchmarks --benchmark-only`; do not edit by hand.",
+        "Rendered by `python benchmarks/make_results.py` from runs of "
+        "`pytest benchmarks --benchmark-only` stored in `benchmarks/results/`; do not edit by hand.",
+        "Runs per device (a later run's cases replace the same cases of an earlier one):",
         "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        f"- torch {torch.__version__}, fastdiff {fastdiff.__version__}",
     ]
-    for dev in devices:
-        lines.append(f"- {dev}: {device_name(dev)}; fastdiff backend: `{backend_used(dev)}`")
+    for dev, data in stored.items():
+        for run in data["runs"]:
+            lines.append(f"- {dev}: {run['device']}, {run['date']}, {run['cases']} cases; torch "
+                         f"{run['torch']}, triton {run['triton']}, fastdiff {run['fastdiff']}; "
+                         f"fastdiff backend `{run['backend']}`")
     lines += [
         "",
         "## Fused ops",
@@ -111,9 +163,9 @@ def render(data: dict) -> str:
 
 
 def main() -> None:
-    data = run_benchmarks(sys.argv[1:])
+    store(run_benchmarks(sys.argv[1:]))
     with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
-        f.write(render(data))
+        f.write(render(load()))
     print(f"wrote {os.path.join(HERE, 'RESULTS.md')}")
 
 

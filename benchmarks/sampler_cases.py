@@ -15,6 +15,7 @@ plus ``copy`` (``out.copy_(x)``, the memory floor for one read + one write).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,7 +24,10 @@ import torch
 import fastdiff
 from fastdiff import ops, schedules
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# FASTDIFF_BENCH_DEVICES=cuda (comma-separated) limits a run to some devices:
+# a GPU machine's run then leaves the CPU rows (measured elsewhere) alone.
+DEVICES = [d for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+           if d in os.environ.get("FASTDIFF_BENCH_DEVICES", d).split(",")]
 SHAPES = {
     "pixel-64x3x32x32": (64, 3, 32, 32),
     "latent-8x4x64x64": (8, 4, 64, 64),

@@ -167,6 +167,21 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _forced.reset(token)
 
 
+def remember_backend(ctx) -> None:
+    """Record the backend forced by :func:`use_backend` on an autograd ``ctx``.
+
+    Autograd runs CUDA backwards on its own device thread, where the forward
+    thread's context variable is unset: without this, ``backward()`` inside a
+    ``use_backend`` block would pick its backend automatically.
+    """
+    ctx.fastdiff_backend = current_backend()
+
+
+def backend_of(ctx) -> contextlib.AbstractContextManager:
+    """``use_backend`` with the backend :func:`remember_backend` recorded."""
+    return use_backend(getattr(ctx, "fastdiff_backend", None))
+
+
 @dataclass(frozen=True)
 class Impl:
     """One backend's implementation of one op.

@@ -33,11 +33,22 @@ stage_build() {
 
 stage_tests() {
     local t0=$SECONDS
-    timeout ${TESTS_TIMEOUT:-420} python3 -m pytest tests -q -ra -n 8 --timeout 300 -p no:cacheprovider \
-        ${TESTS_ARGS:-} >"$OUT/tests.log" 2>&1
+    timeout ${TESTS_TIMEOUT:-420} python3 -m pytest ${TESTS:-tests} -q -ra -n 8 --timeout 300 \
+        -p no:cacheprovider >"$OUT/tests.log" 2>&1
     echo "tests: rc $? in $((SECONDS - t0)) s"
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-300 | head -60
     tail -3 "$OUT/tests.log"
+}
+
+# Where a direct call of fastdiff._C with bad arguments crashes instead of raising.
+stage_probe() {
+    g++ --version | head -1
+    python3 -c "import torch; print('cxx11 abi', torch.compiled_with_cxx11_abi())"
+    ldd fastdiff/_C*.so | grep -iE "stdc|gcc_s|omp|c10"
+    python3 scripts/gpu_crash_probe.py; echo "probe rc $?"
+    timeout 120 cuda-gdb -batch -ex run -ex bt --args python3 scripts/gpu_crash_probe.py \
+        >"$OUT/probe.log" 2>&1
+    grep -E "^#|signal|raised" "$OUT/probe.log" | cut -c1-220 | head -30
 }
 
 stage_sanitize() {
@@ -50,13 +61,18 @@ stage_sanitize() {
     echo "sanitize: $((SECONDS - t0)) s"
 }
 
+# BENCH_GROUPS: ';'-separated pytest -k expressions, one make_results run each, so a
+# group cut off by its timeout loses only itself; results are stored after each.
 stage_bench() {
-    local t0=$SECONDS
-    FASTDIFF_BENCH_DEVICES=cuda timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/make_results.py \
-        -k "${BENCH_K:-not e2e}" >"$OUT/bench.log" 2>&1
-    echo "bench: rc $? in $((SECONDS - t0)) s"
-    cp benchmarks/results/*.json "$OUT/" 2>/dev/null; cp benchmarks/RESULTS.md "$OUT/" 2>/dev/null
-    grep -E "passed|failed|Error" "$OUT/bench.log" | tail -5
+    local IFS=';'
+    for k in ${BENCH_GROUPS:-not e2e}; do
+        local t0=$SECONDS
+        FASTDIFF_BENCH_DEVICES=cuda timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/make_results.py \
+            -k "$k" >>"$OUT/bench.log" 2>&1
+        echo "bench [$k]: rc $? in $((SECONDS - t0)) s"
+        cp benchmarks/results/cuda.json benchmarks/RESULTS.md "$OUT/" 2>/dev/null
+    done
+    grep -E "passed|failed|Error" "$OUT/bench.log" | tail -8
 }
 
 for stage in "$@"; do "stage_$stage"; done

@@ -337,7 +337,7 @@ def test_triton_reasons():
 
 @needs_triton
 def test_forced_triton_says_why():
-    q, k, v, _ = make(1, 1, 4, 4, 8, torch.float64)
+    q, k, v, _ = make(1, 1, 4, 4, 8, torch.float64, "cuda" if torch.cuda.is_available() else "cpu")
     with use_backend("triton"), pytest.raises(fastdiff.BackendNotSupportedError,
                                               match="'triton' cannot run fastdiff::attention: dtype torch.float64"):
         attention(q, k, v)

@@ -84,3 +84,38 @@ def test_import_needs_neither_triton_nor_the_extension():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "ok (2, 3)" in res.stdout
+
+
+@pytest.mark.parametrize("op, forced", [("group_norm_silu", "torch"), ("attention", "triton"),
+                                        ("linear_attention", "triton")])
+def test_backward_on_another_thread_keeps_the_forced_backend(monkeypatch, op, forced):
+    """Autograd runs CUDA backwards on its device thread, where use_backend's
+    context variable is unset: the backward must use the forward's backend."""
+    import threading
+
+    chosen = []
+    real_select = _backend.select
+
+    def spy(name, impls, device, inputs):
+        impl = real_select(name, impls, device, inputs)
+        chosen.append((name, impl.backend))
+        return impl
+
+    monkeypatch.setattr(_backend, "select", spy)
+    call = {
+        "group_norm_silu": lambda x: fastdiff.ops.group_norm_silu(x, 2),
+        "attention": lambda x: fastdiff.ops.attention(x, x, x),
+        "linear_attention": lambda x: fastdiff.ops.linear_attention(x, x, x),
+    }[op]
+    if forced == "triton" and not (torch.cuda.is_available() or _backend.triton_interpret()):
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    x = torch.randn(2, 4, 6, 16, device="cuda" if torch.cuda.is_available() else "cpu",
+                    requires_grad=True)
+    with use_backend(forced):
+        out = call(x)
+    thread = threading.Thread(target=lambda: out.sum().backward())
+    thread.start()
+    thread.join()
+    assert x.grad is not None
+    backward = [b for name, b in chosen if name.endswith("_backward")]
+    assert backward == [forced], chosen

@@ -309,10 +309,15 @@ class TestTriton:
         # B=8, H=4, D=32 at 64x64 on an H100 (132 SMs): 32 heads, 8 chunks of 4 tiles
         assert plan_for(32, 32, 32, 4096, 132) == Plan(block_n=128, chunks=8, num_warps=4)
         assert plan_for(32, 32, 32, 16384, 132) == Plan(block_n=128, chunks=9, num_warps=4)
-        # enough heads to fill the SMs: no split
-        assert plan_for(512, 64, 64, 4096, 132) == Plan(block_n=128, chunks=1, num_warps=4)
+        # enough heads to fill the SMs: no split (fp16 inputs)
+        assert plan_for(512, 64, 64, 4096, 132, 2) == Plan(block_n=128, chunks=1, num_warps=4)
+        # fp32 inputs: half the positions per tile, so a pipelining stage stays 32 KiB
+        # (64 KiB stages overflowed an H100's shared memory at D = E = 40)
+        assert plan_for(512, 64, 64, 4096, 132, 4) == Plan(block_n=64, chunks=1, num_warps=4)
+        assert plan_for(1, 40, 40, 1000, 132, 4) == Plan(block_n=64, chunks=4, num_warps=4)
         # D = 128: narrower tiles, more warps; short sequences are one tile
-        assert plan_for(4, 128, 128, 4096, 132) == Plan(block_n=64, chunks=16, num_warps=8)
+        assert plan_for(4, 128, 128, 4096, 132, 2) == Plan(block_n=64, chunks=16, num_warps=8)
+        assert plan_for(4, 128, 128, 4096, 132, 4) == Plan(block_n=32, chunks=32, num_warps=8)
         assert plan_for(4, 40, 40, 20, 132) == Plan(block_n=32, chunks=1, num_warps=4)
 
     def test_rejects_what_it_cannot_take(self):

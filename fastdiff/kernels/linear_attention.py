@@ -80,6 +80,11 @@ MAX_HEAD_DIM = 128
 # Elements of the widest [BD or BE, BN] tile: sets BN (128 at D = 32, 64 at D = 128).
 TILE = 8192
 MAX_BLOCK_N = 128
+# Bytes of one software-pipelining stage of the loops over positions (a [BD, BN]
+# and a [BE, BN] input tile): Triton keeps ~3 stages plus the dot operands in
+# shared memory, and 64 KiB stages (fp32 at D = E = 64, BN = 128) asked for
+# 256 KiB, more than an H100 block may have (227 KiB).  32 KiB stages fit.
+MAX_STAGE_BYTES = 32768
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
 PROGRAMS_PER_SM = 2
 MIN_TILES_PER_CHUNK = 4
@@ -515,11 +520,14 @@ def _num_sms(device: torch.device) -> int:
     return INTERPRETER_SMS
 
 
-def plan_for(bh: int, d: int, e: int, n: int, num_sms: int) -> Plan:
+def plan_for(bh: int, d: int, e: int, n: int, num_sms: int, elem_size: int = 4) -> Plan:
     """The tiling for B*H = bh heads of D = d, E = e over n positions (the longer
-    of Nq, Nk) on a device with ``num_sms`` SMs (see the module docstring)."""
+    of Nq, Nk) of ``elem_size``-byte inputs on a device with ``num_sms`` SMs
+    (see the module docstring)."""
     bd, be = _block(d), _block(e)
     block_n = max(MIN_BLOCK, min(MAX_BLOCK_N, TILE // max(bd, be), triton.next_power_of_2(n)))
+    while block_n > MIN_BLOCK and (bd + be) * block_n * elem_size > MAX_STAGE_BYTES:
+        block_n //= 2
     tiles = triton.cdiv(n, block_n)
     chunks = 1
     if bh < PROGRAMS_PER_SM * num_sms:
@@ -537,7 +545,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Optional[Plan
     if plan is not None:
         return plan
     b, h, d, nq = q.shape
-    return plan_for(b * h, d, v.shape[2], max(nq, k.shape[3]), _num_sms(q.device))
+    return plan_for(b * h, d, v.shape[2], max(nq, k.shape[3]), _num_sms(q.device), q.element_size())
 
 
 def _exact(q: torch.Tensor) -> bool:

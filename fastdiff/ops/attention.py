@@ -249,12 +249,14 @@ def _setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.scale = scale
+    _backend.remember_backend(ctx)
 
 
 def _backward(ctx, grad_o, _grad_lse):
     q, k, v, o, lse = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
-    grads = torch.ops.fastdiff.attention_backward(grad_o, q, k, v, o, lse, ctx.scale, mask)
+    with _backend.backend_of(ctx):
+        grads = torch.ops.fastdiff.attention_backward(grad_o, q, k, v, o, lse, ctx.scale, mask)
     return (*(g if m else None for g, m in zip(grads, mask)), None)
 
 

@@ -236,14 +236,16 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, emb, scale, shift, mean, rstd)
     ctx.num_groups, ctx.act = num_groups, act
+    _backend.remember_backend(ctx)
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, bias, emb, scale, shift, mean, rstd = ctx.saved_tensors
     mask = [ctx.needs_input_grad[i] for i in (0, 2, 3, 5, 6, 7)]
-    grads = torch.ops.fastdiff.group_norm_silu_backward(
-        grad_y, x, ctx.num_groups, weight, bias, emb, scale, shift, mean, rstd, ctx.act, mask
-    )
+    with _backend.backend_of(ctx):
+        grads = torch.ops.fastdiff.group_norm_silu_backward(
+            grad_y, x, ctx.num_groups, weight, bias, emb, scale, shift, mean, rstd, ctx.act, mask
+        )
     dx, dw, db, demb, dscale, dshift = (g if m else None for g, m in zip(grads, mask))
     return dx, None, dw, db, None, demb, dscale, dshift, None
 

@@ -217,12 +217,14 @@ def _setup_context(ctx, inputs, output):
     _, context, lse = output
     ctx.save_for_backward(q, k, v, context, lse)
     ctx.scale = scale
+    _backend.remember_backend(ctx)
 
 
 def _backward(ctx, grad_out, _grad_context, _grad_lse):
     q, k, v, context, lse = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
-    grads = torch.ops.fastdiff.linear_attention_backward(grad_out, q, k, v, context, lse, ctx.scale, mask)
+    with _backend.backend_of(ctx):
+        grads = torch.ops.fastdiff.linear_attention_backward(grad_out, q, k, v, context, lse, ctx.scale, mask)
     dq, dk, dv = (g if m else None for g, m in zip(grads, mask))
     return dq, dk, dv, None
 

@@ -240,7 +240,12 @@ class CoefTable:
     def on(self, device: torch.device, sample_dtype: torch.dtype) -> torch.Tensor:
         """The table in the dtype the op computes in for ``sample_dtype``, on ``device``."""
         dtype = torch.float64 if sample_dtype == torch.float64 else torch.float32
-        key = (torch.device(device), dtype)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            # set_timesteps(device="cuda") and a sample on cuda:0 must share one
+            # copy: a second (lazy) copy would be a synchronizing host -> device move.
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (device, dtype)
         if key not in self._copies:
             self._copies[key] = self.rows.to(device=device, dtype=dtype).contiguous()
         return self._copies[key]
