@@ -2,6 +2,7 @@
 
     python benchmarks/make_results.py [extra pytest args, e.g. -k latent]
     FASTDIFF_BENCH_DEVICES=cuda python benchmarks/make_results.py   # GPU rows only
+    python benchmarks/make_results.py --import run.json [device=... torch=... backend=...]
 
 Numbers are never typed by hand.  Each run's pytest-benchmark results are
 stored per device in benchmarks/results/<device>.json (a re-measured case
@@ -43,13 +44,38 @@ def _key(b: dict) -> tuple:
     return (i["dtype"], i["shape"], i["kind"], i["impl"])
 
 
-def store(data: dict) -> None:
-    """Merge this run's rows into benchmarks/results/<device>.json."""
-    import torch
+def _run_info(data: dict, dev: str, cases: int, overrides: dict) -> dict:
+    """Where and with what a run was measured: the stack named in the JSON by
+    benchmarks/conftest.py, else this process's; ``overrides`` (from --import) win."""
+    stack = data.get("machine_info", {}).get("fastdiff")
+    if stack is None:
+        import torch
 
-    import fastdiff
-    from sampler_cases import backend_used, device_name
+        import fastdiff
+        from sampler_cases import device_name
 
+        try:
+            import triton
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        stack = {"torch": torch.__version__, "triton": triton_version, "fastdiff": fastdiff.__version__,
+                 "cuda_device": device_name("cuda") if dev == "cuda" and not overrides else None,
+                 "cpu": device_name("cpu")}
+    info = {"date": data.get("datetime", "")[:16].replace("T", " ") + " UTC",
+            "device": stack["cuda_device"] if dev == "cuda" else stack["cpu"],
+            "backend": None, "torch": stack["torch"], "triton": stack["triton"],
+            "fastdiff": stack["fastdiff"], "cases": cases}
+    if not overrides.get("backend"):
+        from sampler_cases import backend_used
+
+        info["backend"] = backend_used(dev)
+    info.update(overrides)
+    return info
+
+
+def store(data: dict, overrides: dict) -> None:
+    """Merge a run's rows into benchmarks/results/<device>.json."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     by_device = defaultdict(list)
     for b in data["benchmarks"]:
@@ -61,14 +87,7 @@ def store(data: dict) -> None:
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
-        try:
-            import triton
-            triton_version = triton.__version__
-        except ImportError:
-            triton_version = None
-        run = {"date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-               "device": device_name(dev), "backend": backend_used(dev), "torch": torch.__version__,
-               "triton": triton_version, "fastdiff": fastdiff.__version__, "cases": len(rows)}
+        run = _run_info(data, dev, len(rows), overrides)
         merged = {_key(b): b for b in old["benchmarks"]}
         merged.update({_key(b): b for b in rows})
         with open(path, "w") as f:
@@ -116,6 +135,8 @@ def render(stored: dict) -> str:
         "Median time per call (µs). Sampler steps: `fastdiff` is one `sampler_step` pass reading a",
         "precomputed coefficient table with per-sample timesteps; `eager` the diffusers /",
         "k-diffusion multi-kernel formulation. GroupNorm: `eager` is group_norm -> add -> silu.",
+        "RMSNorm: `eager` is denoising-diffusion-pytorch 2.x's F.normalize * g * sqrt(C) ->",
+        "scale-shift -> silu.",
         "`compile`: `torch.compile` of eager. `copy`: `out.copy_(x)` of the same size, the",
         "one-read-one-write floor. GB/s counts the bytes the fused pass must move at least.",
         "",
@@ -163,7 +184,15 @@ def render(stored: dict) -> str:
 
 
 def main() -> None:
-    store(run_benchmarks(sys.argv[1:]))
+    args = sys.argv[1:]
+    if args[:1] == ["--import"]:
+        # a pytest-benchmark JSON made elsewhere (a GPU machine); KEY=VALUE pairs name
+        # what the JSON does not (device=..., torch=..., triton=..., backend=...)
+        with open(args[1]) as f:
+            data = json.load(f)
+        store(data, dict(a.split("=", 1) for a in args[2:]))
+    else:
+        store(run_benchmarks(args), {})
     with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
         f.write(render(load()))
     print(f"wrote {os.path.join(HERE, 'RESULTS.md')}")

@@ -185,7 +185,9 @@ def check_agreement(case: Case, kind: str) -> None:
     for name in ("fastdiff", "compile"):
         got = case.fns[name]()
         err = (got.double() - ref.double()).abs().max().item() / ref.double().abs().max().item()
-        tol = 1e-4 if ref.dtype == torch.float32 else 2e-2
+        # fp16/bf16 steps: eager promotes to fp32 through the fp32 tables, fastdiff
+        # returns the input dtype (one rounding: ~5e-4 relative for fp16)
+        tol = 1e-4 if got.dtype == ref.dtype == torch.float32 else 2e-2
         if not err < tol:
             raise AssertionError(f"{kind}: {name} differs from eager by {err:.2e} (relative)")
 

@@ -66,8 +66,9 @@ def test_group_norm_silu(benchmark, device, dtype, shape, pass_, impl):
 
     if impl == "fastdiff":  # same numbers as eager before timing anything
         y_ref, y = eager(x, w, b, emb), fused(x, w, b, emb)
-        err = (y.double() - y_ref.double()).abs().max().item()
-        assert err < (1e-4 if dtype == torch.float32 else 3e-2), err
+        # relative to the largest output: bf16 outputs near 8 are 2**-5 apart
+        err = (y.double() - y_ref.double()).abs().max().item() / y_ref.double().abs().max().item()
+        assert err < (1e-4 if dtype == torch.float32 else 1e-2), err
 
     def step():
         if impl == "copy":

@@ -10,6 +10,7 @@
 
 #include "group_norm.h"
 #include "philox.h"
+#include "rms_norm.h"
 #include "sampler_step.h"
 
 #include <cstdint>
@@ -125,6 +126,8 @@ void sampler_step(const at::Tensor& x, const std::optional<at::Tensor>& model_ou
 // group_norm_silu
 // ---------------------------------------------------------------------------
 
+constexpr const char* kGroupNorm = "group_norm_silu";
+
 // t (N, C, *spatial) is dense with the channels innermost (strides C S, 1,
 // and C times the later spatial sizes); as for is_contiguous, dimensions of
 // size 1 may have any stride.
@@ -163,19 +166,20 @@ GroupNormShape group_norm_shape(const at::Tensor& x, int64_t num_groups, bool& x
   return {N, C, S, num_groups, C / num_groups, !x_contiguous || S == 1};
 }
 
-void check_like_x(const char* name, const at::Tensor& t, const at::Tensor& x, bool x_contiguous) {
+void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                  bool x_contiguous) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device() &&
                   t.sizes() == x.sizes(),
-              "group_norm_silu: ", name, " must match x (", x.scalar_type(), " ", x.sizes(), " on ",
+              op, ": ", name, " must match x (", x.scalar_type(), " ", x.sizes(), " on ",
               x.device(), "), got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
-  TORCH_CHECK(x_contiguous ? t.is_contiguous() : is_channels_last_dense(t), "group_norm_silu: ",
-              name, " must be in x's memory layout (",
-              x_contiguous ? "contiguous" : "channels_last", "), got strides ", t.strides());
+  TORCH_CHECK(x_contiguous ? t.is_contiguous() : is_channels_last_dense(t), op, ": ", name,
+              " must be in x's memory layout (", x_contiguous ? "contiguous" : "channels_last",
+              "), got strides ", t.strides());
 }
 
 // A per-channel tensor: absent, or contiguous with the given sizes, in the
 // opmath dtype, on x's device.
-void check_small(const char* name, const std::optional<at::Tensor>& t,
+void check_small(const char* op, const char* name, const std::optional<at::Tensor>& t,
                  const std::vector<int64_t>& sizes, const at::Tensor& x) {
   if (!t.has_value()) {
     return;
@@ -183,7 +187,7 @@ void check_small(const char* name, const std::optional<at::Tensor>& t,
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(t->scalar_type() == acc && t->sizes() == at::IntArrayRef(sizes) &&
                   t->is_contiguous() && t->device() == x.device(),
-              "group_norm_silu: ", name, " must be a contiguous ", at::IntArrayRef(sizes), " ",
+              op, ": ", name, " must be a contiguous ", at::IntArrayRef(sizes), " ",
               acc, " tensor on ", x.device(), ", got ", t->scalar_type(), " ", t->sizes(),
               t->is_contiguous() ? "" : " (not contiguous)", " on ", t->device());
 }
@@ -192,16 +196,16 @@ void check_params(const GroupNormShape& sh, const at::Tensor& x,
                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& emb, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& shift) {
-  check_small("weight", weight, {sh.C}, x);
-  check_small("bias", bias, {sh.C}, x);
-  check_small("emb", emb, {sh.N, sh.C}, x);
-  check_small("scale", scale, {sh.N, sh.C}, x);
-  check_small("shift", shift, {sh.N, sh.C}, x);
+  check_small(kGroupNorm, "weight", weight, {sh.C}, x);
+  check_small(kGroupNorm, "bias", bias, {sh.C}, x);
+  check_small(kGroupNorm, "emb", emb, {sh.N, sh.C}, x);
+  check_small(kGroupNorm, "scale", scale, {sh.N, sh.C}, x);
+  check_small(kGroupNorm, "shift", shift, {sh.N, sh.C}, x);
 }
 
-bool parse_act(const std::string& act) {
-  TORCH_CHECK(act == "silu" || act == "none", "group_norm_silu: act must be 'silu' or 'none', got '",
-              act, "'");
+bool parse_act(const char* op, const std::string& act) {
+  TORCH_CHECK(act == "silu" || act == "none", op, ": act must be 'silu' or 'none', got '", act,
+              "'");
   return act == "silu";
 }
 
@@ -214,12 +218,12 @@ void group_norm_silu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& w
                          const at::Tensor& rstd) {
   bool x_contiguous = true;
   const GroupNormShape sh = group_norm_shape(x, num_groups, x_contiguous);
-  const bool silu = parse_act(act);
+  const bool silu = parse_act(kGroupNorm, act);
   TORCH_CHECK(eps >= 0, "group_norm_silu: eps must be >= 0, got ", eps);
   check_params(sh, x, weight, bias, emb, scale, shift);
-  check_like_x("y", y, x, x_contiguous);
-  check_small("mean", mean, {sh.N, sh.G}, x);
-  check_small("rstd", rstd, {sh.N, sh.G}, x);
+  check_like_x(kGroupNorm, "y", y, x, x_contiguous);
+  check_small(kGroupNorm, "mean", mean, {sh.N, sh.G}, x);
+  check_small(kGroupNorm, "rstd", rstd, {sh.N, sh.G}, x);
   if (x.numel() == 0) {
     mean.zero_();
     rstd.zero_();
@@ -255,19 +259,19 @@ void group_norm_silu_bwd(const at::Tensor& dy, const at::Tensor& x,
                          const std::optional<at::Tensor>& dshift) {
   bool x_contiguous = true;
   const GroupNormShape sh = group_norm_shape(x, num_groups, x_contiguous);
-  const bool silu = parse_act(act);
+  const bool silu = parse_act(kGroupNorm, act);
   check_params(sh, x, weight, bias, emb, scale, shift);
-  check_like_x("dy", dy, x, x_contiguous);
-  check_small("mean", mean, {sh.N, sh.G}, x);
-  check_small("rstd", rstd, {sh.N, sh.G}, x);
+  check_like_x(kGroupNorm, "dy", dy, x, x_contiguous);
+  check_small(kGroupNorm, "mean", mean, {sh.N, sh.G}, x);
+  check_small(kGroupNorm, "rstd", rstd, {sh.N, sh.G}, x);
   if (dx.has_value()) {
-    check_like_x("dx", *dx, x, x_contiguous);
+    check_like_x(kGroupNorm, "dx", *dx, x, x_contiguous);
   }
-  check_small("dweight", dweight, {sh.C}, x);
-  check_small("dbias", dbias, {sh.C}, x);
-  check_small("demb", demb, {sh.N, sh.C}, x);
-  check_small("dscale", dscale, {sh.N, sh.C}, x);
-  check_small("dshift", dshift, {sh.N, sh.C}, x);
+  check_small(kGroupNorm, "dweight", dweight, {sh.C}, x);
+  check_small(kGroupNorm, "dbias", dbias, {sh.C}, x);
+  check_small(kGroupNorm, "demb", demb, {sh.N, sh.C}, x);
+  check_small(kGroupNorm, "dscale", dscale, {sh.N, sh.C}, x);
+  check_small(kGroupNorm, "dshift", dshift, {sh.N, sh.C}, x);
   if (x.numel() == 0) {  // empty batch or no positions: every gradient is 0
     for (const auto* g : {&dx, &dweight, &dbias, &demb, &dscale, &dshift}) {
       if (g->has_value()) {
@@ -290,6 +294,105 @@ void group_norm_silu_bwd(const at::Tensor& dy, const at::Tensor& x,
     TORCH_CHECK(x.is_cpu(), "group_norm_silu: unsupported device ", x.device());
     group_norm_bwd_cpu(args);
   }
+}
+
+// ---------------------------------------------------------------------------
+// rms_norm_silu
+// ---------------------------------------------------------------------------
+
+constexpr const char* kRmsNorm = "rms_norm_silu";
+
+// Checks x; x_contiguous tells which layout the other x-shaped tensors must
+// share.
+RmsNormShape rms_norm_shape(const at::Tensor& x, bool& x_contiguous) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat ||
+                  dtype == at::kDouble,
+              "rms_norm_silu: x must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(x.dim() >= 2, "rms_norm_silu: x must be (N, C, *spatial), got sizes ", x.sizes());
+  int64_t S = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    S *= x.size(d);
+  }
+  x_contiguous = x.is_contiguous();
+  TORCH_CHECK(x_contiguous || is_channels_last_dense(x),
+              "rms_norm_silu: x must be contiguous or channels_last (channels innermost), got "
+              "sizes ",
+              x.sizes(), " and strides ", x.strides());
+  // With one position per sample both layouts are the same memory map.
+  return {x.size(0), x.size(1), S, !x_contiguous || S == 1};
+}
+
+// rstd: contiguous (N, *spatial) in the opmath dtype on x's device.
+void check_rstd(const at::Tensor& rstd, const at::Tensor& x) {
+  std::vector<int64_t> sizes{x.size(0)};
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    sizes.push_back(x.size(d));
+  }
+  check_small(kRmsNorm, "rstd", rstd, sizes, x);
+}
+
+void check_rms_params(const RmsNormShape& sh, const at::Tensor& x,
+                      const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& scale,
+                      const std::optional<at::Tensor>& shift) {
+  check_small(kRmsNorm, "weight", weight, {sh.C}, x);
+  check_small(kRmsNorm, "scale", scale, {sh.N, sh.C}, x);
+  check_small(kRmsNorm, "shift", shift, {sh.N, sh.C}, x);
+}
+
+void rms_norm_silu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& scale,
+                       const std::optional<at::Tensor>& shift, double eps, const std::string& act,
+                       const at::Tensor& y, const at::Tensor& rstd) {
+  bool x_contiguous = true;
+  const RmsNormShape sh = rms_norm_shape(x, x_contiguous);
+  const bool silu = parse_act(kRmsNorm, act);
+  TORCH_CHECK(eps >= 0, "rms_norm_silu: eps must be >= 0, got ", eps);
+  check_rms_params(sh, x, weight, scale, shift);
+  check_like_x(kRmsNorm, "y", y, x, x_contiguous);
+  check_rstd(rstd, x);
+  TORCH_CHECK(x.is_cpu(), "rms_norm_silu: fastdiff._C has CPU kernels only (got tensors on ",
+              x.device(), "); GPUs run the 'triton' backend");
+  if (x.numel() == 0) {  // no samples or positions (rstd empty), or no channels (norm 0)
+    rstd.fill_(1.0 / eps);
+    return;
+  }
+  rms_norm_fwd_cpu({sh, x, weight, scale, shift, eps, silu, y, rstd});
+}
+
+void rms_norm_silu_bwd(const at::Tensor& dy, const at::Tensor& x,
+                       const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& scale,
+                       const std::optional<at::Tensor>& shift, const at::Tensor& rstd, double eps,
+                       const std::string& act, const std::optional<at::Tensor>& dx,
+                       const std::optional<at::Tensor>& dweight,
+                       const std::optional<at::Tensor>& dscale,
+                       const std::optional<at::Tensor>& dshift) {
+  bool x_contiguous = true;
+  const RmsNormShape sh = rms_norm_shape(x, x_contiguous);
+  const bool silu = parse_act(kRmsNorm, act);
+  TORCH_CHECK(eps >= 0, "rms_norm_silu: eps must be >= 0, got ", eps);
+  check_rms_params(sh, x, weight, scale, shift);
+  check_like_x(kRmsNorm, "dy", dy, x, x_contiguous);
+  check_rstd(rstd, x);
+  if (dx.has_value()) {
+    check_like_x(kRmsNorm, "dx", *dx, x, x_contiguous);
+  }
+  check_small(kRmsNorm, "dweight", dweight, {sh.C}, x);
+  check_small(kRmsNorm, "dscale", dscale, {sh.N, sh.C}, x);
+  check_small(kRmsNorm, "dshift", dshift, {sh.N, sh.C}, x);
+  TORCH_CHECK(x.is_cpu(), "rms_norm_silu: fastdiff._C has CPU kernels only (got tensors on ",
+              x.device(), "); GPUs run the 'triton' backend");
+  if (x.numel() == 0) {  // no samples, channels or positions: every gradient is 0
+    for (const auto* g : {&dx, &dweight, &dscale, &dshift}) {
+      if (g->has_value()) {
+        (*g)->zero_();
+      }
+    }
+    return;
+  }
+  rms_norm_bwd_cpu({sh, dy, x, weight, scale, shift, rstd, eps, silu, dx, dweight, dscale, dshift});
 }
 
 // Words (w0, w1, w2, w3) of noise elements offset .. offset + numel - 1 of
@@ -350,6 +453,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("emb"), py::arg("scale"),
         py::arg("shift"), py::arg("mean"), py::arg("rstd"), py::arg("num_groups"), py::arg("act"),
         py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("demb"), py::arg("dscale"),
+        py::arg("dshift"), py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm_silu_fwd", &fastdiff::rms_norm_silu_fwd,
+        "RMSNorm (F.normalize over C x sqrt(C) weight) + scale-shift + act into y, rstd; see "
+        "fastdiff.reference.rms_norm.",
+        py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("eps"),
+        py::arg("act"), py::arg("y"), py::arg("rstd"), py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm_silu_bwd", &fastdiff::rms_norm_silu_bwd,
+        "Gradients of rms_norm_silu_fwd into the given (non-None) outputs.", py::arg("dy"),
+        py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("rstd"),
+        py::arg("eps"), py::arg("act"), py::arg("dx"), py::arg("dweight"), py::arg("dscale"),
         py::arg("dshift"), py::call_guard<py::gil_scoped_release>());
   m.def("has_cuda", &fastdiff::has_cuda, "True when built with the CUDA kernels.");
   m.def("_philox_words_cpu", &fastdiff::philox_words_cpu,

@@ -86,8 +86,8 @@ def test_import_needs_neither_triton_nor_the_extension():
     assert "ok (2, 3)" in res.stdout
 
 
-@pytest.mark.parametrize("op, forced", [("group_norm_silu", "torch"), ("attention", "triton"),
-                                        ("linear_attention", "triton")])
+@pytest.mark.parametrize("op, forced", [("group_norm_silu", "torch"), ("rms_norm_silu", "torch"),
+                                        ("attention", "triton"), ("linear_attention", "triton")])
 def test_backward_on_another_thread_keeps_the_forced_backend(monkeypatch, op, forced):
     """Autograd runs CUDA backwards on its device thread, where use_backend's
     context variable is unset: the backward must use the forward's backend."""
@@ -104,6 +104,7 @@ def test_backward_on_another_thread_keeps_the_forced_backend(monkeypatch, op, fo
     monkeypatch.setattr(_backend, "select", spy)
     call = {
         "group_norm_silu": lambda x: fastdiff.ops.group_norm_silu(x, 2),
+        "rms_norm_silu": lambda x: fastdiff.ops.rms_norm_silu(x),
         "attention": lambda x: fastdiff.ops.attention(x, x, x),
         "linear_attention": lambda x: fastdiff.ops.linear_attention(x, x, x),
     }[op]

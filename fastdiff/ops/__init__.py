@@ -8,6 +8,7 @@ call it, and the ``*_coefs`` builders let a scheduler precompute whole tables.
 from .attention import attention
 from .group_norm import group_norm_silu
 from .linear_attention import linear_attention
+from .rms_norm import rms_norm_silu
 from .sampler_step import NUM_COEFS, sampler_step
 from .steps import (
     PREDICTION_TYPES,
@@ -46,6 +47,7 @@ __all__ = [
     "heun_coefs",
     "heun_step",
     "linear_attention",
+    "rms_norm_silu",
     "sampler_step",
     "sigma_x0_coefs",
 ]

@@ -1,0 +1,260 @@
+"""``fastdiff::rms_norm_silu``: denoising-diffusion-pytorch 2.x's RMSNorm + scale-shift + SiLU.
+
+The math is specified in :mod:`fastdiff.reference.rms_norm`.  Two custom ops
+carry it -- a forward returning (y, rstd) and a fused backward -- so
+torch.compile sees both as single nodes; ``register_autograd`` ties them.
+Validation happens once, in :func:`_validate`, before dispatch.
+
+Backends: ``triton`` (CUDA tensors; CPU tensors under TRITON_INTERPRET=1),
+``cpu`` (fastdiff._C) and ``torch`` (the reference).  There is no CUDA C++
+kernel: the op is one memory-bound pass per direction, which the Triton
+kernels already run at bandwidth, so a second GPU implementation would only
+be more code to keep in step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from .._alloc import empty, empty_like
+from ..reference import rms_norm as ref
+from .group_norm import _act_name, _memory_format, _small
+
+__all__ = ["rms_norm_silu"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PARAMS = ("weight", "scale", "shift")
+
+
+# --------------------------------------------------------------------------
+# Backends.  Canonical inputs (see _fwd_op): x dense, contiguous or
+# channels_last; weight / scale / shift contiguous in the opmath dtype;
+# outputs preallocated, rstd (N, *spatial) contiguous.  ``act`` is "silu" or
+# "none".
+# --------------------------------------------------------------------------
+
+
+def _torch_fwd(x, weight, scale, shift, eps, act, y, rstd):
+    y_, rstd_ = ref.rms_norm_silu_forward(x, weight, eps, scale, shift,
+                                          None if act == "none" else act)
+    y.copy_(y_)
+    rstd.copy_(rstd_)
+
+
+def _torch_bwd(dy, x, weight, scale, shift, rstd, eps, act, grads):
+    res = ref.rms_norm_silu_backward(dy, x, weight, eps, scale, shift, rstd,
+                                     None if act == "none" else act)
+    for out, val in zip(grads, res):
+        if out is not None:
+            out.copy_(val)
+
+
+def _ext_fwd(*args):
+    _backend.extension().rms_norm_silu_fwd(*args)
+
+
+def _ext_bwd(dy, x, weight, scale, shift, rstd, eps, act, grads):
+    _backend.extension().rms_norm_silu_bwd(dy, x, weight, scale, shift, rstd, eps, act, *grads)
+
+
+def _triton_fwd(*args):
+    from ..kernels.rms_norm import rms_norm_silu_fwd_triton
+
+    rms_norm_silu_fwd_triton(*args)
+
+
+def _triton_bwd(dy, x, weight, scale, shift, rstd, eps, act, grads):
+    from ..kernels.rms_norm import rms_norm_silu_bwd_triton
+
+    rms_norm_silu_bwd_triton(dy, x, weight, scale, shift, rstd, eps, act, *grads)
+
+
+_FWD = (
+    _backend.Impl("triton", _triton_fwd),
+    _backend.Impl("cpu", _ext_fwd, _backend.extension_has("rms_norm_silu_fwd")),
+    _backend.Impl("torch", _torch_fwd),
+)
+_BWD = (
+    _backend.Impl("triton", _triton_bwd),
+    _backend.Impl("cpu", _ext_bwd, _backend.extension_has("rms_norm_silu_bwd")),
+    _backend.Impl("torch", _torch_bwd),
+)
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+
+
+def _validate(x, weight, eps, scale, shift, act) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"rms_norm_silu: x must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(
+            f"rms_norm_silu: x must be float16, bfloat16, float32 or float64, got {x.dtype}"
+        )
+    if x.dim() < 2:
+        raise ValueError(f"rms_norm_silu: x must be (N, C, *spatial), got shape {tuple(x.shape)}")
+    n, c = x.shape[:2]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"rms_norm_silu: eps must be a float >= 0, got {eps!r}")
+    if act not in ref.ACTIVATIONS:
+        raise ValueError(f"rms_norm_silu: act must be 'silu' or None, got {act!r}")
+    for name, t, shape in (("weight", weight, (c,)), ("scale", scale, (n, c)),
+                           ("shift", shift, (n, c))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
+            raise TypeError(f"rms_norm_silu: {name} must be a floating-point tensor")
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"rms_norm_silu: {name} must have shape {shape} for x of shape "
+                f"{tuple(x.shape)}, got {tuple(t.shape)}"
+            )
+        if t.device != x.device:
+            raise ValueError(f"rms_norm_silu: {name} is on {t.device} but x is on {x.device}")
+
+
+def _rstd_shape(x: torch.Tensor) -> tuple[int, ...]:
+    return (x.shape[0], *x.shape[2:])
+
+
+# --------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastdiff::rms_norm_silu", mutates_args=())
+def _fwd_op(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    act: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    act_ = None if act == "none" else act
+    _validate(x, weight, eps, scale, shift, act_)
+    acc = ref.opmath_dtype(x.dtype)
+    x = x.contiguous(memory_format=_memory_format(x))
+    y = empty_like(x)
+    rstd = empty(*_rstd_shape(x), dtype=acc, device=x.device)
+    impl = _backend.select("fastdiff::rms_norm_silu", _FWD, x.device, {})
+    if x.numel() == 0:  # no samples or no positions (rstd empty), or no channels (norm 0)
+        rstd.fill_(1 / eps if eps > 0 else math.inf)
+        return y, rstd
+    impl.run(x, *(_small(t, acc) for t in (weight, scale, shift)), float(eps), act, y, rstd)
+    return y, rstd
+
+
+@_fwd_op.register_fake
+def _(x, weight, eps, scale, shift, act):
+    _validate(x, weight, eps, scale, shift, None if act == "none" else act)
+    acc = ref.opmath_dtype(x.dtype)
+    y = torch.empty_like(x.contiguous(memory_format=_memory_format(x)))
+    return y, x.new_empty(_rstd_shape(x), dtype=acc)
+
+
+@torch.library.custom_op("fastdiff::rms_norm_silu_backward", mutates_args=())
+def _bwd_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    rstd: torch.Tensor,
+    act: str,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (x, weight, scale, shift); an input that is absent or not
+    in ``output_mask`` gets an empty (0-element) tensor."""
+    acc = ref.opmath_dtype(x.dtype)
+    fmt = _memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    grad_y = grad_y.to(x.dtype).contiguous(memory_format=fmt)
+    params = (weight, scale, shift)
+    grads = [empty_like(x) if output_mask[0] else None]
+    for want, t in zip(output_mask[1:], params):
+        grads.append(empty(*t.shape, dtype=acc, device=x.device) if want and t is not None else None)
+    if x.numel() == 0:
+        for g in grads:
+            if g is not None:
+                g.zero_()
+    else:
+        impl = _backend.select("fastdiff::rms_norm_silu_backward", _BWD, x.device, {})
+        impl.run(grad_y, x, *(_small(t, acc) for t in params), rstd.contiguous(), float(eps), act,
+                 grads)
+    results = [grads[0] if grads[0] is not None else x.new_empty(0)]
+    for g, t in zip(grads[1:], params):
+        results.append(x.new_empty(0) if g is None else g.to(t.dtype))
+    return tuple(results)
+
+
+@_bwd_op.register_fake
+def _(grad_y, x, weight, eps, scale, shift, rstd, act, output_mask):
+    fmt = _memory_format(x)
+    results = [torch.empty_like(x.contiguous(memory_format=fmt)) if output_mask[0] else x.new_empty(0)]
+    for want, t in zip(output_mask[1:], (weight, scale, shift)):
+        results.append(torch.empty_like(t) if want and t is not None else x.new_empty(0))
+    return tuple(results)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, eps, scale, shift, act = inputs
+    _, rstd = output
+    ctx.save_for_backward(x, weight, scale, shift, rstd)
+    ctx.eps, ctx.act = eps, act
+    _backend.remember_backend(ctx)
+
+
+def _backward(ctx, grad_y, _grad_rstd):
+    x, weight, scale, shift, rstd = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[i] for i in (0, 1, 3, 4)]
+    with _backend.backend_of(ctx):
+        grads = torch.ops.fastdiff.rms_norm_silu_backward(
+            grad_y, x, weight, ctx.eps, scale, shift, rstd, ctx.act, mask
+        )
+    dx, dw, dscale, dshift = (g if m else None for g, m in zip(grads, mask))
+    return dx, dw, None, dscale, dshift, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------
+
+
+def rms_norm_silu(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-12,
+    *,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    act: Optional[str] = "silu",
+) -> torch.Tensor:
+    """``act(F.normalize(x, dim=1, eps=eps) * sqrt(C) * weight * (1 + scale) + shift)``
+    in one fused pass.
+
+    Args:
+        x: (N, C, *spatial), fp16/bf16/fp32/fp64, contiguous or channels_last
+            (the output keeps x's memory format).
+        weight: (C,) gain (denoising-diffusion-pytorch's RMSNorm ``g``), optional.
+        eps: lower clamp of the L2 norm over the channels (F.normalize's eps).
+        scale, shift: (N, C) modulation applied after the norm, optional.
+        act: "silu" or None.
+
+    The norm is accumulated in fp32 (fp64 for fp64 input); the backward fuses
+    all four gradients and reduces dweight / dscale / dshift in a fixed order
+    (bit-reproducible).
+    """
+    _validate(x, weight, eps, scale, shift, act)
+    y, _ = torch.ops.fastdiff.rms_norm_silu(x, weight, float(eps), scale, shift, _act_name(act))
+    return y
