@@ -51,9 +51,12 @@ U-Net lives in ``denoising_diffusion_pytorch.denoising_diffusion_pytorch`` (its
 1-D, guided and classifier-free-guidance variants define same-named but
 different classes and are deliberately not matched).
 
-Limitations: denoising-diffusion-pytorch >= 2.0 normalises its ``Block`` with an
-RMSNorm over channels, which no fastdiff op fuses (such blocks are reported as
-skipped; the 1.x GroupNorm blocks are fused).  A rebound ``forward`` is a bound
+denoising-diffusion-pytorch's ``Block`` is fused in both generations: 1.x
+normalises with ``GroupNorm`` (-> :func:`fastdiff.ops.group_norm_silu`), 2.x with
+an RMSNorm over channels (``F.normalize(x, dim=1) * g * sqrt(C)`` ->
+:func:`fastdiff.ops.rms_norm_silu`).
+
+Limitations: a rebound ``forward`` is a bound
 method in the instance's ``__dict__``: ``copy.deepcopy`` handles it, pickling
 the whole module object (``torch.save(model)``) does not -- save the
 ``state_dict`` or ``revert`` first.  Hooks registered on a bypassed submodule
@@ -76,6 +79,7 @@ from torch import nn
 
 from .nn.group_norm import GroupNorm as _FastGroupNorm
 from .ops.group_norm import group_norm_silu
+from .ops.rms_norm import rms_norm_silu
 
 __all__ = ["OptimizeReport", "PATCHERS", "Patcher", "optimize", "register", "revert"]
 
@@ -479,23 +483,41 @@ class DiffusersAttention(Patcher):
 # --------------------------------------------------------------------------
 
 
+def _ddpm_rms_norm(m) -> bool:
+    """denoising-diffusion-pytorch 2.x's ``RMSNorm``: ``F.normalize(x, dim=1) * g * scale``
+    with ``g`` of shape (1, C, 1, 1) and ``scale = C ** 0.5`` (what rms_norm_silu computes)."""
+    if not (type(m).__name__ == "RMSNorm" and re.fullmatch(_DDPM_UNET, type(m).__module__ or "")):
+        return False
+    g = m._parameters.get("g")
+    return (g is not None and g.dim() == 4 and g.shape[0] == 1 and tuple(g.shape[2:]) == (1, 1)
+            and getattr(m, "scale", None) == g.shape[1] ** 0.5)
+
+
 def _ddpm_block_forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
-    """denoising-diffusion-pytorch ``Block.forward`` (GroupNorm releases) with
-    norm -> scale-shift -> act as one ``group_norm_silu`` call; dropout where the block has one."""
+    """denoising-diffusion-pytorch ``Block.forward`` with norm -> scale-shift -> act as one
+    ``group_norm_silu`` (1.x GroupNorm) or ``rms_norm_silu`` (2.x RMSNorm) call; dropout
+    where the block has one."""
     x = self.proj(x)
+    rms = type(self.norm) is not nn.GroupNorm and type(self.norm) is not _FastGroupNorm
 
     scale = shift = None
+    fusable = not rms or self.norm.g.dtype == x.dtype  # else the library promotes x * g
     if scale_shift is not None:
         time_scale, time_shift = scale_shift
         scale = _per_sample_channel(time_scale, x)
         shift = _per_sample_channel(time_shift, x)
-        if scale is None or shift is None:  # not (N, C, 1, 1): the library's lines
-            x = self.norm(x)
+        fusable = fusable and scale is not None and shift is not None  # (N, C, 1, 1) only
+    if not fusable:  # the library's lines
+        x = self.norm(x)
+        if scale_shift is not None:
             x = x * (time_scale + 1) + time_shift
-            x = self.act(x)
-            return self.dropout(x) if "dropout" in self._modules else x
+        x = self.act(x)
+        return self.dropout(x) if "dropout" in self._modules else x
 
-    x = _gn_silu(self.norm, x, scale=scale, shift=shift)
+    if rms:
+        x = rms_norm_silu(x, self.norm.g.reshape(-1), act="silu", scale=scale, shift=shift)
+    else:
+        x = _gn_silu(self.norm, x, scale=scale, shift=shift)
     return self.dropout(x) if "dropout" in self._modules else x
 
 
@@ -507,9 +529,9 @@ class DDPMBlock(Patcher):
         if "forward" in module.__dict__:
             return "its forward is already replaced on the instance"
         norm = module._modules.get("norm")
-        if not _plain_group_norm(norm):
-            return (f"norm is {type(norm).__name__} (denoising-diffusion-pytorch >= 2.0 uses an "
-                    "RMSNorm over channels), which no fastdiff op fuses")
+        if not (_plain_group_norm(norm) or _ddpm_rms_norm(norm)):
+            return (f"norm is {type(norm).__name__}, neither a GroupNorm (1.x) nor the 2.x "
+                    "RMSNorm (F.normalize(x, dim=1) * g * sqrt(C))")
         if type(module._modules.get("act")) is not nn.SiLU:
             return "act is not SiLU"
         if _hooked(norm, module.act):

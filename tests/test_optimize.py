@@ -325,10 +325,38 @@ def test_ddpm_unet(ddpm):
     model = ddpm.Unet(8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3.0, 700.0])
     report = roundtrip(model, lambda m: m(*_cast(m, x, t)),
-                       {DDPMAttention.kind: 3, DDPMLinearAttention.kind: 2}, compile_backend="eager")
+                       {DDPMBlock.kind: 22, DDPMAttention.kind: 3, DDPMLinearAttention.kind: 2},
+                       compile_backend="aot_eager")
     assert "mid_attn" in report.patched[DDPMAttention.kind]
-    skipped = report.skipped[DDPMBlock.kind]  # 2.x blocks normalise with RMSNorm
-    assert len(skipped) == 22 and all("RMSNorm" in reason for _, reason in skipped)
+    assert "downs.0.0.block1" in report.patched[DDPMBlock.kind]  # 2.x RMSNorm blocks fused
+    assert report.skipped == {}
+
+
+def test_ddpm_rms_block_calls_the_fused_op_and_falls_back_exactly(ddpm, monkeypatch):
+    """A 2.x Block runs one rms_norm_silu call; inputs the op cannot take as the library
+    would (broadcast scale-shift, a g of another dtype) run the library's own lines."""
+    import fastdiff._optimize as opt
+
+    calls = []
+    real = opt.rms_norm_silu
+    monkeypatch.setattr(opt, "rms_norm_silu", lambda *a, **k: calls.append(k) or real(*a, **k))
+    block = ddpm.Block(4, 6)
+    with torch.no_grad():
+        block.norm.g.copy_(torch.rand(1, 6, 1, 1) + 0.5)
+    twin = copy.deepcopy(block)
+    optimize(block)
+    x = torch.randn(3, 4, 5, 7)
+    scale, shift = torch.randn(3, 6, 1, 1), torch.randn(3, 6, 1, 1)
+    assert_close(block(x, (scale, shift)), twin(x, (scale, shift)), rtol=RTOL)
+    assert len(calls) == 1 and calls[0]["scale"].shape == (3, 6)
+    assert_close(block(x), twin(x), rtol=RTOL)
+    assert len(calls) == 2
+    broadcast = (torch.randn(1, 6, 1, 1), torch.randn(1, 6, 1, 1))
+    assert torch.equal(block(x, broadcast), twin(x, broadcast))
+    block.norm.g.data = block.norm.g.data.double()
+    twin.norm.g.data = twin.norm.g.data.double()
+    assert torch.equal(block(x), twin(x))  # promoted to float64 by the library's lines
+    assert len(calls) == 2
 
 
 def test_ddpm_unet_v1_blocks(ddpm):

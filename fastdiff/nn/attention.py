@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.linear_attention import linear_attention
+from ..ops.rms_norm import rms_norm_silu
 
 try:
     from ..ops.attention import attention as _fastdiff_attention
@@ -56,7 +57,9 @@ class RMSNorm(nn.Module):
         self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.g * self.scale
+        if self.g.dtype != x.dtype:  # the library promotes x * g: keep its lines
+            return F.normalize(x, dim=1) * self.g * self.scale
+        return rms_norm_silu(x, self.g.reshape(-1), act=None)
 
 
 def _qkv(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ parameters -- RMSNorm ``g``, ``mem_kv``, ``to_qkv``, ``to_out`` -- are exactly
 Releases >= 2.0 normalise ``Block`` with an RMSNorm over channels (``block1.norm.g``
 instead of ``block1.norm.weight`` / ``.bias``) and add ``dropout``: **their
 checkpoints do not load here** (use ``fastdiff.optimize`` on such a model, which
-fuses its attention and leaves the RMSNorm blocks as they are).  Older 1.x
+fuses its attention and its RMSNorm blocks with :func:`fastdiff.ops.rms_norm_silu`).  Older 1.x
 releases (before memory key/values and RMSNorm in the attention blocks) have
 other attention parameters and do not load either.
 
