@@ -22,9 +22,17 @@ stage_build() {
         echo "build: reusing $(ls fastdiff/_C*.so)"
     else
         local t0=$SECONDS
+        # The device image's Python names /opt/gcc/bin/g++ as its compiler; a module it
+        # linked (2026-11-23) had no libstdc++.so dependency and segfaulted inside
+        # std::ostream::_M_insert<long> whenever a TORCH_CHECK message formatted a
+        # number.  Build with the system g++ unless CXX says otherwise.
+        env | grep -E "^(CC|CXX|LDSHARED|LDFLAGS|CFLAGS|CXXFLAGS)=" || true
+        CC=${CC:-gcc} CXX=${CXX:-g++} LDSHARED=${LDSHARED:-g++ -shared} \
         TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FASTDIFF_BUILD_CUDA=1 \
             python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
         echo "build: $((SECONDS - t0)) s"
+        ldd fastdiff/_C*.so | grep -q "libstdc++" \
+            || echo "WARNING: fastdiff/_C has no libstdc++.so dependency (statically linked?)"
         grep -i "warning" "$OUT/build.log" | grep -v "^ninja" | sort -u | head -20
     fi
     cp fastdiff/_C*.so "$OUT/" 2>/dev/null
