@@ -13,6 +13,10 @@ dim_mults 1-2-4-8, GroupNorm blocks), 3x32x32 images:
 * ``compile``          -- ``torch.compile`` of the eager model + the eager update;
 * ``fastdiff+compile`` -- ``torch.compile`` of ``fastdiff.nn.UNet`` + fastdiff's sampler.
 
+Rows ``unet64v2-*``: the same U-Net with denoising-diffusion-pytorch 2.x's own blocks
+(RMSNorm over channels in every ``Block``): ``eager``, ``optimize`` (fused RMSNorm +
+scale-shift + SiLU, attention) and ``compile``.
+
 Kinds: ``ddim`` (100 DDIM steps on GPU), ``heun`` (18 EDM/Karras Heun steps, 35 model
 calls, on GPU), ``train`` (one forward + backward of the DDPM loss).  On CPU the
 runs are shrunk so they finish (batch 2, 5 DDIM / 3 Heun steps).  ``bytes`` is the
@@ -55,6 +59,7 @@ def _ddpm():
 
 CONFIG = dict(dim=64, dim_mults=(1, 2, 4, 8))
 IMPLS = ("eager", "optimize", "fastdiff", "compile", "fastdiff+compile")
+IMPLS_V2 = ("eager", "optimize", "compile")
 KINDS = ("ddim", "heun", "train")
 CHECK_STEPS = 3  # sampler steps of the agreement check before timing
 
@@ -68,36 +73,39 @@ def _sizes(device):
 _MODELS = {}
 
 
-def _models(device):
-    """{"eager", "optimize", "fastdiff"} models with identical weights (built once per device)."""
-    if device not in _MODELS:
+def _models(device, arch="v1"):
+    """{"eager", "optimize"[, "fastdiff"]} models with identical weights (built once per
+    device and architecture: "v1" 1.11.1 GroupNorm blocks, "v2" 2.x RMSNorm blocks)."""
+    if (device, arch) not in _MODELS:
         D = _ddpm()
-        _, v1_resnet_block = D.v1_blocks()
+        blocks = {} if arch == "v2" else {"resnet_block": D.v1_blocks()[1]}
         torch.manual_seed(0)
-        ref = D.Unet(**CONFIG, resnet_block=v1_resnet_block)
-        ours = UNet(**CONFIG)
-        ours.load_state_dict(ref.state_dict(), strict=True)
-        opt = D.Unet(**CONFIG, resnet_block=v1_resnet_block)
+        ref = D.Unet(**CONFIG, **blocks)
+        opt = D.Unet(**CONFIG, **blocks)
         opt.load_state_dict(ref.state_dict(), strict=True)
         fastdiff.optimize(opt)
-        _MODELS[device] = {k: m.to(device).eval() for k, m in
-                           (("eager", ref), ("optimize", opt), ("fastdiff", ours))}
-    return _MODELS[device]
+        models = [("eager", ref), ("optimize", opt)]
+        if arch == "v1":
+            ours = UNet(**CONFIG)
+            ours.load_state_dict(ref.state_dict(), strict=True)
+            models.append(("fastdiff", ours))
+        _MODELS[device, arch] = {k: m.to(device).eval() for k, m in models}
+    return _MODELS[device, arch]
 
 
 _COMPILED = {}
 
 
-def _model_for(impl, device):
-    models = _models(device)
+def _model_for(impl, device, arch="v1"):
+    models = _models(device, arch)
     if impl == "compile":
-        key = (device, "eager")
+        key = (device, arch, "eager")
     elif impl == "fastdiff+compile":
-        key = (device, "fastdiff")
+        key = (device, arch, "fastdiff")
     else:
         return models[impl]
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(models[key[1]])
+        _COMPILED[key] = torch.compile(models[key[2]])
     return _COMPILED[key]
 
 
@@ -140,19 +148,20 @@ def fastdiff_train_step(model, x0, ab, noise, t):
     return loss
 
 
-PARAMS = [pytest.param(dev, kind, impl, id=f"{dev}-{kind}-{impl}")
-          for dev in DEVICES for kind in KINDS for impl in IMPLS]
+PARAMS = [pytest.param(dev, kind, impl, arch, id=f"{dev}-{kind}-{impl}" + ("-v2" if arch == "v2" else ""))
+          for arch, impls in (("v1", IMPLS), ("v2", IMPLS_V2))
+          for dev in DEVICES for kind in KINDS for impl in impls]
 
 
-@pytest.mark.parametrize("device, kind, impl", PARAMS)
-def test_e2e(benchmark, device, kind, impl):
+@pytest.mark.parametrize("device, kind, impl, arch", PARAMS)
+def test_e2e(benchmark, device, kind, impl, arch):
     sz = _sizes(device)
     shape = (sz["batch"], 3, 32, 32)
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(shape, generator=g).to(device)
     ab = schedules.alphas_cumprod(schedules.betas("linear", 1000)).to(device)
-    model = _model_for(impl, device)
-    n_params = sum(p.numel() * p.element_size() for p in _models(device)["eager"].parameters())
+    model = _model_for(impl, device, arch)
+    n_params = sum(p.numel() * p.element_size() for p in _models(device, arch)["eager"].parameters())
 
     if kind == "ddim":
         scheduler = DDIMScheduler(timestep_spacing="trailing")
@@ -188,8 +197,8 @@ def test_e2e(benchmark, device, kind, impl):
     # U-Net's 100-step clipped DDIM trajectory is chaotic, and TF32 convolutions
     # (torch.compile's too) flip pixels between -1 and +1 by the end
     if impl != "eager" and kind != "train":
-        check_model = _model_for(impl, device)
-        eager_model = _models(device)["eager"]
+        check_model = _model_for(impl, device, arch)
+        eager_model = _models(device, arch)["eager"]
         if kind == "ddim":
             short = DDIMScheduler(timestep_spacing="trailing")
             short.set_timesteps(CHECK_STEPS, device=device)
@@ -216,7 +225,8 @@ def test_e2e(benchmark, device, kind, impl):
     else:
         timed = fn
     timed()  # warm-up (and compilation)
-    benchmark.group = f"{device}-float32-unet64-b{shape[0]}-e2e_{kind}"
-    benchmark.extra_info.update(device=device, dtype="float32", shape=f"unet64-{'x'.join(map(str, shape))}",
+    name = "unet64" if arch == "v1" else "unet64v2"
+    benchmark.group = f"{device}-float32-{name}-b{shape[0]}-e2e_{kind}"
+    benchmark.extra_info.update(device=device, dtype="float32", shape=f"{name}-{'x'.join(map(str, shape))}",
                                 kind=f"e2e_{kind}", impl=impl, bytes=calls * n_params)
     benchmark.pedantic(timed, rounds=sz["rounds"], iterations=1, warmup_rounds=0)
