@@ -31,6 +31,8 @@ import torch
 
 __all__ = [
     "BACKENDS",
+    "eager_fast_path",
+    "force_dispatcher",
     "BackendNotSupportedError",
     "Impl",
     "backends",
@@ -182,24 +184,38 @@ def backend_of(ctx) -> contextlib.AbstractContextManager:
     return use_backend(getattr(ctx, "fastdiff_backend", None))
 
 
+def static_reasons(fn: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    """Mark a ``reasons`` function whose answer does not depend on the inputs
+    (nor change while the process runs): :func:`select` asks it once."""
+    fn.fastdiff_static = True
+    return fn
+
+
+@static_reasons
+def no_reasons(**_) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class Impl:
     """One backend's implementation of one op.
 
     ``reasons(**inputs)`` lists why the backend cannot take the inputs (empty:
     it can); it is only asked after the backend is known to be available on
-    this machine.  ``run(**inputs)`` computes the op.
+    this machine.  ``run(**inputs)`` computes the op.  A ``reasons`` that
+    ignores the inputs can be marked with :func:`static_reasons`.
     """
 
     backend: str
     run: Callable[..., object]
-    reasons: Callable[..., list[str]] = lambda **_: []
+    reasons: Callable[..., list[str]] = no_reasons
 
 
 def extension_has(symbol: str) -> Callable[..., list[str]]:
     """A ``reasons`` function for extension backends: the built ``fastdiff._C``
     must export ``symbol`` (an older build may predate the op)."""
 
+    @static_reasons
     def reasons(**_) -> list[str]:
         ext = extension()
         if ext is not None and not hasattr(ext, symbol):
@@ -224,33 +240,155 @@ def device_reasons(backend: str, device: torch.device) -> list[str]:
     return []
 
 
+# --------------------------------------------------------------------------
+# The eager fast path
+# --------------------------------------------------------------------------
+
+_no_fast_path: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fastdiff_no_fast_path", default=False
+)
+
+
+def _unknown() -> bool:  # a check this torch lacks: assume the worst (no fast path)
+    return True
+
+
+# torch._C functions, looked up once (each exists on torch 2.11 and 2.13; a
+# torch without one loses the fast path, never correctness).
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", _unknown)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", _unknown)
+_function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", _unknown)
+_jit_tracing = getattr(torch._C, "_get_tracing_state", None)
+_is_grad_enabled = torch.is_grad_enabled
+_Tensor = torch.Tensor
+
+try:
+    from torch.autograd import forward_ad as _forward_ad
+except ImportError:  # pragma: no cover
+    _forward_ad = None
+
+
+def eager_fast_path(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when an op may run its implementation directly, skipping
+    ``torch.ops.fastdiff.*`` (the dispatcher and the custom-op autograd
+    wrapper, ~20 µs of host time per call).
+
+    Pass every tensor argument of the op (None for absent optional ones).  The
+    fast path is only taken when going through the dispatcher could not make a
+    difference:
+
+    * nothing is tracing: not torch.compile / export (dynamo), no TorchScript
+      trace, no torch-function or torch-dispatch mode (make_fx,
+      FakeTensorMode, FlopCounterMode, ... see the custom op as one node);
+    * no functorch transform (vmap, grad, jvp) is active;
+    * every tensor is exactly ``torch.Tensor``: no subclass (FakeTensor,
+      DTensor, ...), anything else goes to the dispatcher, which also gives
+      the error for a non-tensor argument;
+    * no autograd graph is needed: grad mode is off or no input requires
+      grad, and no forward-AD level is open (dual tensors).
+
+    The outputs are the same tensors the dispatcher path returns (the same
+    body runs; under no_grad the dispatcher adds nothing to them).
+    """
+    # is_compiling() first: under dynamo it is constant True, so nothing
+    # below is traced (no graph break under fullgraph=True).
+    if torch.compiler.is_compiling() or _no_fast_path.get():
+        return False
+    if _dispatch_modes() or _function_modes() or _functorch_active():
+        return False
+    if _jit_tracing is None or _jit_tracing() is not None:
+        return False
+    if _forward_ad is None or _forward_ad._current_level >= 0:
+        return False
+    grad = _is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not _Tensor or (grad and t.requires_grad):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def force_dispatcher() -> Iterator[None]:
+    """Inside the block every op goes through ``torch.ops.fastdiff.*`` (for
+    tests and benchmarks that compare the two paths)."""
+    token = _no_fast_path.set(True)
+    try:
+        yield
+    finally:
+        _no_fast_path.reset(token)
+
+
+# --------------------------------------------------------------------------
+# Backend choice
+# --------------------------------------------------------------------------
+
+
 def select(op: str, impls: Sequence[Impl], device: torch.device, inputs: dict) -> Impl:
-    """Pick the implementation of ``op`` that runs ``inputs`` on ``device``."""
-    by_name = {impl.backend: impl for impl in impls}
+    """Pick the implementation of ``op`` that runs ``inputs`` on ``device``.
 
-    def why_not(name: str) -> list[str]:
-        if name not in by_name:
-            return [f"{op} has no {name} implementation"]
-        unavailable = _why_unavailable(name)
-        if unavailable:
-            return [unavailable]
-        return device_reasons(name, device) + by_name[name].reasons(**inputs)
-
+    Every call of every op asks this, so the part of the answer that does not
+    depend on the inputs (is the backend available, does it take this device,
+    the reasons of :func:`static_reasons` functions) is worked out once per
+    (impls, device, forced backend, TRITON_INTERPRET) and kept; only reasons
+    that look at the inputs are asked per call.  Answers and messages are
+    those of asking everything each time.
+    """
     forced = current_backend()
+    plan = _plan(op, impls, device, forced)
     if forced is not None:
-        reasons = why_not(forced)
+        _, impl, reasons, dynamic = plan[0]
+        if dynamic:
+            reasons = reasons + impl.reasons(**inputs)
         if reasons:
             raise BackendNotSupportedError(
                 f"fastdiff backend {forced!r} cannot run {op}: " + "; ".join(reasons)
             )
-        return by_name[forced]
+        return impl
 
     tried = []
-    for name in _PRIORITY.get(device.type, ("torch",)):
-        reasons = why_not(name)
+    for name, impl, reasons, dynamic in plan:
+        if dynamic:
+            reasons = reasons + impl.reasons(**inputs)
         if not reasons:
-            return by_name[name]
+            return impl
         tried.append(f"{name}: " + "; ".join(reasons))
     raise BackendNotSupportedError(
         f"no fastdiff backend can run {op} on {device}: " + " | ".join(tried)
     )
+
+
+# (id(impls), device, forced, interpret) -> (impls, plan); impls is kept so a
+# recycled id of a freed tuple is never mistaken for it.
+_plans: dict = {}
+
+
+def _plan(op: str, impls: Sequence[Impl], device: torch.device, forced: Optional[str]) -> list:
+    """[(name, impl, static reasons, ask impl.reasons per call?)] in the order
+    :func:`select` tries them (just the forced backend when one is forced)."""
+    # TRITON_INTERPRET only changes answers about the triton backend on
+    # non-CUDA tensors, which it is only asked about when forced.
+    key = (id(impls), device, forced, forced == "triton" and triton_interpret())
+    hit = _plans.get(key)
+    if hit is not None and hit[0] is impls:
+        return hit[1]
+    by_name = {impl.backend: impl for impl in impls}
+    plan = []
+    for name in (forced,) if forced is not None else _PRIORITY.get(device.type, ("torch",)):
+        impl = by_name.get(name)
+        if impl is None:
+            plan.append((name, None, [f"{op} has no {name} implementation"], False))
+            continue
+        unavailable = _why_unavailable(name)
+        if unavailable:
+            plan.append((name, impl, [unavailable], False))
+            continue
+        reasons = device_reasons(name, device)
+        dynamic = not getattr(impl.reasons, "fastdiff_static", False)
+        if not dynamic:
+            reasons = reasons + impl.reasons()
+        plan.append((name, impl, reasons, dynamic))
+    if isinstance(impls, tuple):  # lists may change in place: never kept
+        _plans[key] = (impls, plan)
+    return plan

@@ -127,6 +127,7 @@ def _triton_reasons(**tensors: torch.Tensor) -> list[str]:
     return reasons
 
 
+@_backend.static_reasons
 def _declines(**_) -> list[str]:
     return [NO_KERNEL]
 
@@ -194,6 +195,12 @@ def _validate(q, k, v, scale) -> None:
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse): o like q (q's strides when q is dense, else contiguous), lse (B, H, Nq)."""
     _validate(q, k, v, scale)
+    return _forward(q, k, v, scale)
+
+
+def _forward(q, k, v, scale):
+    """The forward op's body on validated inputs: what the registered op and
+    the eager fast path of :func:`attention` both run."""
     impl = _backend.select("fastdiff::attention", _FWD, q.device, dict(q=q, k=k, v=v))
     o = empty_like(q)
     lse = empty(*q.shape[:3], dtype=ref.opmath_dtype(q.dtype), device=q.device)
@@ -213,8 +220,7 @@ def _(q, k, v, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=ref.opmath_dtype(q.dtype))
 
 
-@torch.library.custom_op("fastdiff::attention_backward", mutates_args=())
-def _bwd_op(
+def _backward_body(
     grad_o: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -239,6 +245,11 @@ def _bwd_op(
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
+# Registered from the plain function so the eager fast path of the backward
+# (see _backward) can call the body itself.
+_bwd_op = torch.library.custom_op("fastdiff::attention_backward", mutates_args=())(_backward_body)
+
+
 @_bwd_op.register_fake
 def _(grad_o, q, k, v, o, lse, scale, output_mask):
     return tuple(torch.empty_like(t) if want else q.new_empty(0) for want, t in zip(output_mask, (q, k, v)))
@@ -256,7 +267,11 @@ def _backward(ctx, grad_o, _grad_lse):
     q, k, v, o, lse = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
     with _backend.backend_of(ctx):
-        grads = torch.ops.fastdiff.attention_backward(grad_o, q, k, v, o, lse, ctx.scale, mask)
+        args = (grad_o, q, k, v, o, lse, ctx.scale, mask)
+        if _backend.eager_fast_path(grad_o, q, k, v, o, lse):
+            grads = _backward_body(*args)
+        else:
+            grads = torch.ops.fastdiff.attention_backward(*args)
     return (*(g if m else None for g, m in zip(grads, mask)), None)
 
 
@@ -292,5 +307,6 @@ def attention(
     """
     _validate(q, k, v, scale)
     s = ref.default_scale(q.shape[-1]) if scale is None else float(scale)
-    o, _ = torch.ops.fastdiff.attention(q, k, v, s)
-    return o
+    if _backend.eager_fast_path(q, k, v):
+        return _forward(q, k, v, s)[0]
+    return torch.ops.fastdiff.attention(q, k, v, s)[0]

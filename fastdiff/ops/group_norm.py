@@ -116,7 +116,7 @@ def _validate(x, num_groups, weight, bias, eps, emb, scale, shift, act) -> None:
             continue
         if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
             raise TypeError(f"group_norm_silu: {name} must be a floating-point tensor")
-        if tuple(t.shape) != shape:
+        if t.shape != shape:  # torch.Size is a tuple
             raise ValueError(
                 f"group_norm_silu: {name} must have shape {shape} for x of shape "
                 f"{tuple(x.shape)}, got {tuple(t.shape)}"
@@ -135,7 +135,10 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _small(t: Optional[torch.Tensor], acc: torch.dtype) -> Optional[torch.Tensor]:
-    return None if t is None else t.to(acc).contiguous()
+    """``t.to(acc).contiguous()`` (None stays None), skipping the calls when t already is."""
+    if t is None or (t.dtype == acc and t.is_contiguous()):
+        return t
+    return t.to(acc).contiguous()
 
 
 def _act_name(act: Optional[str]) -> str:
@@ -159,8 +162,13 @@ def _fwd_op(
     shift: Optional[torch.Tensor],
     act: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    act_ = None if act == "none" else act
-    _validate(x, num_groups, weight, bias, eps, emb, scale, shift, act_)
+    _validate(x, num_groups, weight, bias, eps, emb, scale, shift, None if act == "none" else act)
+    return _forward(x, num_groups, weight, bias, eps, emb, scale, shift, act)
+
+
+def _forward(x, num_groups, weight, bias, eps, emb, scale, shift, act):
+    """The forward op's body on validated inputs: what the registered op and
+    the eager fast path of :func:`group_norm_silu` both run."""
     acc = ref.opmath_dtype(x.dtype)
     x = x.contiguous(memory_format=_memory_format(x))
     y = empty_like(x)
@@ -184,8 +192,7 @@ def _(x, num_groups, weight, bias, eps, emb, scale, shift, act):
     return y, x.new_empty(x.shape[0], num_groups, dtype=acc), x.new_empty(x.shape[0], num_groups, dtype=acc)
 
 
-@torch.library.custom_op("fastdiff::group_norm_silu_backward", mutates_args=())
-def _bwd_op(
+def _backward_body(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     num_groups: int,
@@ -222,6 +229,11 @@ def _bwd_op(
     return tuple(results)
 
 
+# Registered from the plain function so the eager fast path of the backward
+# (see _backward) can call the body itself.
+_bwd_op = torch.library.custom_op("fastdiff::group_norm_silu_backward", mutates_args=())(_backward_body)
+
+
 @_bwd_op.register_fake
 def _(grad_y, x, num_groups, weight, bias, emb, scale, shift, mean, rstd, act, output_mask):
     fmt = _memory_format(x)
@@ -243,9 +255,11 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, bias, emb, scale, shift, mean, rstd = ctx.saved_tensors
     mask = [ctx.needs_input_grad[i] for i in (0, 2, 3, 5, 6, 7)]
     with _backend.backend_of(ctx):
-        grads = torch.ops.fastdiff.group_norm_silu_backward(
-            grad_y, x, ctx.num_groups, weight, bias, emb, scale, shift, mean, rstd, ctx.act, mask
-        )
+        args = (grad_y, x, ctx.num_groups, weight, bias, emb, scale, shift, mean, rstd, ctx.act, mask)
+        if _backend.eager_fast_path(grad_y, x, weight, bias, emb, scale, shift, mean, rstd):
+            grads = _backward_body(*args)
+        else:
+            grads = torch.ops.fastdiff.group_norm_silu_backward(*args)
     dx, dw, db, demb, dscale, dshift = (g if m else None for g, m in zip(grads, mask))
     return dx, None, dw, db, None, demb, dscale, dshift, None
 
@@ -286,7 +300,7 @@ def group_norm_silu(
     six gradients and reduces dweight / dbias in a fixed order (bit-reproducible).
     """
     _validate(x, num_groups, weight, bias, eps, emb, scale, shift, act)
-    y, _, _ = torch.ops.fastdiff.group_norm_silu(
-        x, num_groups, weight, bias, float(eps), emb, scale, shift, _act_name(act)
-    )
-    return y
+    args = (x, num_groups, weight, bias, float(eps), emb, scale, shift, _act_name(act))
+    if _backend.eager_fast_path(x, weight, bias, emb, scale, shift):
+        return _forward(*args)[0]
+    return torch.ops.fastdiff.group_norm_silu(*args)[0]

@@ -173,6 +173,12 @@ def _new_outputs(q, k, v, new):
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _validate(q, k, v, scale)
+    return _forward(q, k, v, scale)
+
+
+def _forward(q, k, v, scale):
+    """The forward op's body on validated inputs: what the registered op and
+    the eager fast path of :func:`linear_attention` both run."""
     impl = _backend.select("fastdiff::linear_attention", _FWD, q.device, dict(q=q, k=k, v=v))
     run = _torch_fwd if _degenerate(q, v) else impl.run
     return tuple(run(q, k, v, float(scale)))
@@ -184,8 +190,7 @@ def _(q, k, v, scale):
     return _new_outputs(q, k, v, lambda *s, dtype: q.new_empty(s, dtype=dtype))
 
 
-@torch.library.custom_op("fastdiff::linear_attention_backward", mutates_args=())
-def _bwd_op(
+def _backward_body(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -206,6 +211,11 @@ def _bwd_op(
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
+# Registered from the plain function so the eager fast path of the backward
+# (see _backward) can call the body itself.
+_bwd_op = torch.library.custom_op("fastdiff::linear_attention_backward", mutates_args=())(_backward_body)
+
+
 @_bwd_op.register_fake
 def _(grad_out, q, k, v, context, lse, scale, output_mask):
     return tuple(t.new_empty(t.shape) if want else q.new_empty(0)
@@ -224,7 +234,11 @@ def _backward(ctx, grad_out, _grad_context, _grad_lse):
     q, k, v, context, lse = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
     with _backend.backend_of(ctx):
-        grads = torch.ops.fastdiff.linear_attention_backward(grad_out, q, k, v, context, lse, ctx.scale, mask)
+        args = (grad_out, q, k, v, context, lse, ctx.scale, mask)
+        if _backend.eager_fast_path(grad_out, q, k, v, context, lse):
+            grads = _backward_body(*args)
+        else:
+            grads = torch.ops.fastdiff.linear_attention_backward(*args)
     dq, dk, dv = (g if m else None for g, m in zip(grads, mask))
     return dq, dk, dv, None
 
@@ -255,5 +269,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     for fp64 inputs); the backward is fused and deterministic.
     """
     _validate(q, k, v, scale)
-    out, _, _ = torch.ops.fastdiff.linear_attention(q, k, v, ref.default_scale(q) if scale is None else scale)
-    return out
+    s = ref.default_scale(q) if scale is None else scale
+    if _backend.eager_fast_path(q, k, v):
+        return _forward(q, k, v, s)[0]
+    return torch.ops.fastdiff.linear_attention(q, k, v, s)[0]

@@ -110,7 +110,7 @@ def _validate(x, weight, eps, scale, shift, act) -> None:
             continue
         if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
             raise TypeError(f"rms_norm_silu: {name} must be a floating-point tensor")
-        if tuple(t.shape) != shape:
+        if t.shape != shape:  # torch.Size is a tuple
             raise ValueError(
                 f"rms_norm_silu: {name} must have shape {shape} for x of shape "
                 f"{tuple(x.shape)}, got {tuple(t.shape)}"
@@ -137,8 +137,13 @@ def _fwd_op(
     shift: Optional[torch.Tensor],
     act: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    act_ = None if act == "none" else act
-    _validate(x, weight, eps, scale, shift, act_)
+    _validate(x, weight, eps, scale, shift, None if act == "none" else act)
+    return _forward(x, weight, eps, scale, shift, act)
+
+
+def _forward(x, weight, eps, scale, shift, act):
+    """The forward op's body on validated inputs: what the registered op and
+    the eager fast path of :func:`rms_norm_silu` both run."""
     acc = ref.opmath_dtype(x.dtype)
     x = x.contiguous(memory_format=_memory_format(x))
     y = empty_like(x)
@@ -159,8 +164,7 @@ def _(x, weight, eps, scale, shift, act):
     return y, x.new_empty(_rstd_shape(x), dtype=acc)
 
 
-@torch.library.custom_op("fastdiff::rms_norm_silu_backward", mutates_args=())
-def _bwd_op(
+def _backward_body(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -195,6 +199,11 @@ def _bwd_op(
     return tuple(results)
 
 
+# Registered from the plain function so the eager fast path of the backward
+# (see _backward) can call the body itself.
+_bwd_op = torch.library.custom_op("fastdiff::rms_norm_silu_backward", mutates_args=())(_backward_body)
+
+
 @_bwd_op.register_fake
 def _(grad_y, x, weight, eps, scale, shift, rstd, act, output_mask):
     fmt = _memory_format(x)
@@ -216,9 +225,11 @@ def _backward(ctx, grad_y, _grad_rstd):
     x, weight, scale, shift, rstd = ctx.saved_tensors
     mask = [ctx.needs_input_grad[i] for i in (0, 1, 3, 4)]
     with _backend.backend_of(ctx):
-        grads = torch.ops.fastdiff.rms_norm_silu_backward(
-            grad_y, x, weight, ctx.eps, scale, shift, rstd, ctx.act, mask
-        )
+        args = (grad_y, x, weight, ctx.eps, scale, shift, rstd, ctx.act, mask)
+        if _backend.eager_fast_path(grad_y, x, weight, scale, shift, rstd):
+            grads = _backward_body(*args)
+        else:
+            grads = torch.ops.fastdiff.rms_norm_silu_backward(*args)
     dx, dw, dscale, dshift = (g if m else None for g, m in zip(grads, mask))
     return dx, dw, None, dscale, dshift, None
 
@@ -256,5 +267,7 @@ def rms_norm_silu(
     (bit-reproducible).
     """
     _validate(x, weight, eps, scale, shift, act)
-    y, _ = torch.ops.fastdiff.rms_norm_silu(x, weight, float(eps), scale, shift, _act_name(act))
-    return y
+    args = (x, weight, float(eps), scale, shift, _act_name(act))
+    if _backend.eager_fast_path(x, weight, scale, shift):
+        return _forward(*args)[0]
+    return torch.ops.fastdiff.rms_norm_silu(*args)[0]

@@ -73,7 +73,7 @@ def _check_float(name: str, t: torch.Tensor, x: torch.Tensor, shape) -> None:
         )
     if t.device != x.device:
         raise ValueError(f"sampler_step: {name} is on {t.device} but x is on {x.device}")
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != tuple(shape):  # torch.Size is a tuple
         raise ValueError(
             f"sampler_step: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}"
         )
@@ -133,15 +133,22 @@ def _validate(x, model_output, coefs, index, prev, prev2, noise, seed,
 def _check_index_values(index: Optional[torch.Tensor], rows: int) -> None:
     """Row indices must lie in [0, rows): checked on the host for CPU tensors,
     by an asynchronous device-side assert elsewhere (no host sync)."""
-    if index is None or index.numel() == 0:
+    if index is None:
         return
-    lo, hi = torch.aminmax(index)
+    n = index.numel()
+    if n == 0:
+        return
     if index.device.type != "cpu":
+        lo, hi = torch.aminmax(index)
         torch._assert_async((lo >= 0) & (hi < rows), "sampler_step: index out of range of the coefs rows")
-    elif not (0 <= int(lo) and int(hi) < rows):
-        raise IndexError(
-            f"sampler_step: index values must be in [0, {rows}), got [{int(lo)}, {int(hi)}]"
-        )
+        return
+    if n <= 64:  # a batch of indices: a list is cheaper than two reductions + two .item()
+        values = index.tolist()
+        lo, hi = min(values), max(values)
+    else:
+        lo, hi = (int(v) for v in torch.aminmax(index))
+    if not (0 <= lo and hi < rows):
+        raise IndexError(f"sampler_step: index values must be in [0, {rows}), got [{lo}, {hi}]")
 
 
 def kernel_layout(x: torch.Tensor) -> torch.Tensor:
@@ -153,8 +160,8 @@ def kernel_layout(x: torch.Tensor) -> torch.Tensor:
     channels_last, ...), else the contiguous one.
     """
     out = empty_like(x)
-    per_sample = x[0].numel() if x.shape[0] else 0
-    if x.shape[0] > 1 and out.stride(0) != per_sample:
+    batch = x.shape[0]
+    if batch > 1 and out.stride(0) != x.numel() // batch:  # x[0].numel(), without the view
         out = empty_like(x, memory_format=torch.contiguous_format)
     return out
 
@@ -163,6 +170,8 @@ def _conform(t: Optional[torch.Tensor], ref_out: torch.Tensor) -> Optional[torch
     """t in ref_out's dtype and memory order (a copy only when it differs)."""
     if t is None:
         return None
+    if t.dtype == ref_out.dtype and t.stride() == ref_out.stride():  # the common case
+        return t
     # Equal strides to the dense ref_out (size-1 dims aside) make t dense in
     # the same order; shapes differ at most in the batch dim (CFG's 2B).
     same = t.dtype == ref_out.dtype and all(
@@ -174,6 +183,13 @@ def _conform(t: Optional[torch.Tensor], ref_out: torch.Tensor) -> Optional[torch
                                device=t.device).copy_(t)
 
 
+def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype).contiguous()``, skipping the calls when t already is."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t
+    return t.to(dtype).contiguous()
+
+
 def _canonicalize(x, model_output, coefs, index, prev, prev2, noise, seed, out):
     acc = ref.opmath_dtype(x.dtype)
     if index is None and coefs.shape[0] != x.shape[0]:
@@ -181,8 +197,8 @@ def _canonicalize(x, model_output, coefs, index, prev, prev2, noise, seed, out):
     return dict(
         x=_conform(x, out),
         model_output=_conform(model_output, out),
-        coefs=coefs.to(acc).contiguous(),
-        index=None if index is None else index.to(torch.int64).contiguous(),
+        coefs=_dense(coefs, acc),
+        index=None if index is None else _dense(index, torch.int64),
         prev=_conform(prev, out),
         prev2=_conform(prev2, out),
         noise=_conform(noise, out),
@@ -193,6 +209,22 @@ def _canonicalize(x, model_output, coefs, index, prev, prev2, noise, seed, out):
 # --------------------------------------------------------------------------
 # torch.library registration
 # --------------------------------------------------------------------------
+
+
+def _sampler_step(x, model_output, coefs, index, prev, prev2, noise, seed,
+                  guidance_scale, clip_min, clip_max, return_x0):
+    """The op's body on validated inputs: what the registered op and the
+    eager fast path of :func:`sampler_step` both run.  Returns (out, x0 or
+    None)."""
+    _check_index_values(index, coefs.shape[0])
+    out = kernel_layout(x)
+    x0_out = empty_like(out) if return_x0 else None
+    args = _canonicalize(x, model_output, coefs, index, prev, prev2, noise, seed, out)
+    args.update(guidance_scale=guidance_scale, clip_min=clip_min, clip_max=clip_max)
+    impl = _backend.select("fastdiff::sampler_step", _IMPLS, x.device, args)
+    if out.numel():
+        impl.run(out, x0_out, **args)
+    return out, x0_out
 
 
 @torch.library.custom_op("fastdiff::sampler_step", mutates_args=())
@@ -212,14 +244,8 @@ def _sampler_step_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _validate(x, model_output, coefs, index, prev, prev2, noise, seed,
               guidance_scale, clip_min, clip_max)
-    _check_index_values(index, coefs.shape[0])
-    out = kernel_layout(x)
-    x0_out = empty_like(out) if return_x0 else None
-    args = _canonicalize(x, model_output, coefs, index, prev, prev2, noise, seed, out)
-    args.update(guidance_scale=guidance_scale, clip_min=clip_min, clip_max=clip_max)
-    impl = _backend.select("fastdiff::sampler_step", _IMPLS, x.device, args)
-    if out.numel():
-        impl.run(out, x0_out, **args)
+    out, x0_out = _sampler_step(x, model_output, coefs, index, prev, prev2, noise, seed,
+                                guidance_scale, clip_min, clip_max, return_x0)
     return out, (x0_out if return_x0 else x.new_empty(0))
 
 
@@ -316,8 +342,11 @@ def sampler_step(
     guidance_scale = optional_float("guidance_scale", guidance_scale)
     clip_min = optional_float("clip_range[0]", clip_min)
     clip_max = optional_float("clip_range[1]", clip_max)
-    out, x0 = torch.ops.fastdiff.sampler_step(
-        x, model_output, coefs, index, prev, prev2, noise, seed,
-        guidance_scale, clip_min, clip_max, return_x0,
-    )
+    args = (x, model_output, coefs, index, prev, prev2, noise, seed,
+            guidance_scale, clip_min, clip_max, return_x0)
+    if _backend.eager_fast_path(x, model_output, coefs, index, prev, prev2, noise, seed):
+        _validate(*args[:-1])
+        out, x0 = _sampler_step(*args)
+    else:
+        out, x0 = torch.ops.fastdiff.sampler_step(*args)
     return (out, x0) if return_x0 else out

@@ -59,13 +59,26 @@ def _coef_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+_COLUMNS = {"A_X": A_X, "A_M": A_M, "A_N": A_N, "C_X": C_X, "C_M": C_M, "C_0": C_0,
+            "C_P": C_P, "C_Q": C_Q, "C_N": C_N}
+
+
 def _rows(shape, like: torch.Tensor, **cols: torch.Tensor) -> torch.Tensor:
     """A zero (…, 9) table with the named columns (A_X=..., C_0=...) filled."""
-    rows = torch.zeros(*shape, NUM_COEFS, dtype=like.dtype, device=like.device)
-    index = {"A_X": A_X, "A_M": A_M, "A_N": A_N, "C_X": C_X, "C_M": C_M, "C_0": C_0,
-             "C_P": C_P, "C_Q": C_Q, "C_N": C_N}
+    by_index = [None] * NUM_COEFS
     for name, value in cols.items():
-        rows[..., index[name]] = value
+        by_index[_COLUMNS[name]] = value
+    shape = torch.Size(shape)
+    if all(v is None or (isinstance(v, torch.Tensor) and v.shape == shape and v.dtype == like.dtype
+                         and v.device == like.device) for v in by_index):
+        # One stack instead of a zero table and a write per column (the
+        # common case: every column computed at the table's shape).
+        zero = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return torch.stack([zero if v is None else v for v in by_index], dim=-1)
+    rows = torch.zeros(*shape, NUM_COEFS, dtype=like.dtype, device=like.device)
+    for i, value in enumerate(by_index):
+        if value is not None:
+            rows[..., i] = value
     return rows
 
 
