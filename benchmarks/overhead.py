@@ -1,4 +1,4 @@
-"""Per-call host overhead of fastdiff's public ops at tiny sizes (CPU).
+"""Per-call host overhead of fastdiff's public ops at tiny sizes (CPU or CUDA).
 
 At these sizes the kernels take a few microseconds, so the time per call is
 almost all Python: the op layer (validation, layout, backend choice) and, on
@@ -9,6 +9,12 @@ preallocated outputs where one exists and a trivial eager op for scale.
 
     python benchmarks/overhead.py            # table
     python benchmarks/overhead.py --profile  # plus a cProfile of a few rows
+    python benchmarks/overhead.py --device cuda --profile   # on a GPU: raw = the Triton launch
+
+On CUDA each block of calls ends with a synchronize, so a row is the host cost
+per call as long as the GPU keeps up (these kernels run for a few µs); the raw
+column there is the Triton launcher alone (canonical inputs, preallocated outputs),
+which separates Triton's launch cost from fastdiff's op layer.
 
 The ``dispatcher`` column forces the torch.ops.fastdiff path (what runs when
 autograd, torch.compile or a tensor subclass is involved); ``public`` is what a
@@ -32,15 +38,22 @@ from fastdiff.ops import steps
 _C = _backend.extension()
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def per_call_us(fn, *, block: int = 200, blocks: int = 40, warmup: int = 200) -> float:
     """Median over ``blocks`` blocks of ``block`` calls, in µs per call."""
     for _ in range(warmup):
         fn()
+    _sync()
     times = []
     for _ in range(blocks):
         t0 = time.perf_counter()
         for _ in range(block):
             fn()
+        _sync()
         times.append((time.perf_counter() - t0) / block)
     return statistics.median(times) * 1e6
 
@@ -51,50 +64,66 @@ def _dispatcher():
     return force() if force is not None else contextlib.nullcontext()
 
 
-def cases():
+def _raw_cuda(name: str, args: dict):
+    """The Triton launcher of an op, on canonical inputs with preallocated outputs."""
+    if name == "sampler_step":
+        from fastdiff.kernels.sampler_step import sampler_step_triton
+
+        return lambda: sampler_step_triton(**args)
+    from fastdiff.kernels.group_norm import group_norm_silu_fwd_triton
+
+    return lambda: group_norm_silu_fwd_triton(*args.values())
+
+
+def cases(device: str = "cpu"):
     """(name, mode, public fn, raw kernel fn or None)."""
     g = torch.Generator().manual_seed(0)
+    cuda = device == "cuda"
 
     def r(*s, grad=False):
-        return torch.randn(*s, generator=g).requires_grad_(grad)
+        return torch.randn(*s, generator=g).to(device).requires_grad_(grad)
 
     # sampler_step: coefs table + per-sample index (a scheduler's step)
     x, m = r(2, 4, 8, 8), r(2, 4, 8, 8)
     # fp32 table, as a scheduler caches it for fp32 samples (CoefTable.on)
-    coefs = torch.randn(1000, fastdiff.ops.NUM_COEFS, generator=g)
-    index = torch.tensor([10, 500])
+    coefs = torch.randn(1000, fastdiff.ops.NUM_COEFS, generator=g).to(device)
+    index = torch.tensor([10, 500], device=device)
     out = torch.empty_like(x)
-    yield ("sampler_step", "no_grad",
-           lambda: fastdiff.ops.sampler_step(x, m, coefs, index),
-           lambda: _C.sampler_step(x, m, coefs, index, None, None, None, None,
-                                   None, None, None, out, None))
-    ac = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
-    t = torch.tensor([500, 500])
-    yield ("ddim_step", "no_grad",
-           lambda: steps.ddim_step(m, t, x, ac, prev_timestep=torch.tensor([480, 480])), None)
+    raw = (_raw_cuda("sampler_step", dict(
+        out=out, x0_out=None, x=x, model_output=m, coefs=coefs, index=index, prev=None, prev2=None,
+        noise=None, seed=None, guidance_scale=None, clip_min=None, clip_max=None)) if cuda else
+        lambda: _C.sampler_step(x, m, coefs, index, None, None, None, None,
+                                None, None, None, out, None))
+    yield ("sampler_step", "no_grad", lambda: fastdiff.ops.sampler_step(x, m, coefs, index), raw)
+    ac = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64, device=device)
+    t = torch.tensor([500, 500], device=device)
+    t_prev = torch.tensor([480, 480], device=device)
+    yield ("ddim_step", "no_grad", lambda: steps.ddim_step(m, t, x, ac, prev_timestep=t_prev), None)
 
     # group_norm_silu
     xg, w, b, emb = r(2, 32, 8, 8), r(32), r(32), r(2, 32)
-    y, mean, rstd = torch.empty_like(xg), torch.empty(2, 8), torch.empty(2, 8)
-    yield ("group_norm_silu", "no_grad",
-           lambda: fastdiff.ops.group_norm_silu(xg, 8, w, b, emb=emb),
-           lambda: _C.group_norm_silu_fwd(xg, w, b, emb, None, None, 8, 1e-5, "silu", y, mean, rstd))
+    y, mean, rstd = (torch.empty_like(xg), torch.empty(2, 8, device=device),
+                     torch.empty(2, 8, device=device))
+    raw = (_raw_cuda("group_norm_silu", dict(
+        x=xg, weight=w, bias=b, emb=emb, scale=None, shift=None, num_groups=8, eps=1e-5,
+        act="silu", y=y, mean=mean, rstd=rstd)) if cuda else
+        lambda: _C.group_norm_silu_fwd(xg, w, b, emb, None, None, 8, 1e-5, "silu", y, mean, rstd))
+    yield ("group_norm_silu", "no_grad", lambda: fastdiff.ops.group_norm_silu(xg, 8, w, b, emb=emb), raw)
     xgg, wg, bg, embg = r(2, 32, 8, 8, grad=True), r(32, grad=True), r(32, grad=True), r(2, 32, grad=True)
     yield ("group_norm_silu", "fwd+bwd",
            lambda: fastdiff.ops.group_norm_silu(xgg, 8, wg, bg, emb=embg).sum().backward(), None)
 
     # rms_norm_silu
-    yr = torch.empty(2, 8, 8)
-    yield ("rms_norm_silu", "no_grad",
-           lambda: fastdiff.ops.rms_norm_silu(xg, w),
-           lambda: _C.rms_norm_silu_fwd(xg, w, None, None, 1e-12, "silu", y, yr))
+    yr = torch.empty(2, 8, 8, device=device)
+    yield ("rms_norm_silu", "no_grad", lambda: fastdiff.ops.rms_norm_silu(xg, w),
+           None if cuda else lambda: _C.rms_norm_silu_fwd(xg, w, None, None, 1e-12, "silu", y, yr))
     yield ("rms_norm_silu", "fwd+bwd",
            lambda: fastdiff.ops.rms_norm_silu(xgg, wg).sum().backward(), None)
 
     # attention (SDPA's CPU flash kernel is the "raw" call)
     q, k, v = r(1, 2, 16, 32), r(1, 2, 16, 32), r(1, 2, 16, 32)
-    yield ("attention", "no_grad",
-           lambda: fastdiff.ops.attention(q, k, v),
+    yield ("attention", "no_grad", lambda: fastdiff.ops.attention(q, k, v),
+           None if cuda else
            lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False))
     qg, kg, vg = (r(1, 2, 16, 32, grad=True) for _ in range(3))
     yield ("attention", "fwd+bwd",
@@ -111,13 +140,14 @@ def cases():
     yield ("x.add(m) (eager)", "no_grad", lambda: x.add(m), None)
 
 
-def run(profile: bool) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; µs per call (median)")
+def run(profile: bool, device: str = "cpu") -> None:
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}; µs per call (median)")
     header = f"{'op':<20} {'mode':<8} {'public':>9} {'dispatcher':>11} {'raw kernel':>11}"
     print(header)
     print("-" * len(header))
     rows = []
-    for name, mode, fn, raw in cases():
+    for name, mode, fn, raw in cases(device):
         ctx = torch.no_grad() if mode == "no_grad" else contextlib.nullcontext()
         with ctx:
             pub = per_call_us(fn)
@@ -148,6 +178,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", action="store_true", help="also print cProfile of the no_grad rows")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    run(a.profile)
+    run(a.profile, a.device)
