@@ -69,6 +69,12 @@ stage_sanitize() {
     echo "sanitize: $((SECONDS - t0)) s"
 }
 
+# Host cost per call on the GPU path (the first question of the 2026-11-23 notes).
+stage_overhead() {
+    timeout 300 python3 benchmarks/overhead.py --device cuda --profile >"$OUT/overhead.log" 2>&1
+    echo "overhead: rc $?"; sed -n 1,16p "$OUT/overhead.log"
+}
+
 # BENCH_GROUPS: ';'-separated pytest -k expressions, one make_results run each, so a
 # group cut off by its timeout loses only itself; results are stored after each.
 stage_bench() {
