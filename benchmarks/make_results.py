@@ -14,7 +14,6 @@ device's provenance named in the header.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import subprocess

@@ -11,6 +11,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from norm_cases import run_norm_case
 from sampler_cases import DEVICES
 
 import fastdiff
@@ -56,41 +57,6 @@ def test_group_norm_silu(benchmark, device, dtype, shape, pass_, impl):
     w = (1 + 0.1 * torch.randn(c, generator=g)).to(device=device, dtype=dtype)
     b = (0.1 * torch.randn(c, generator=g)).to(device=device, dtype=dtype)
     emb = torch.randn(n, c, generator=g).to(device=device, dtype=dtype)
-    fn = {"fastdiff": fused, "eager": eager, "compile": compiled()}.get(impl)
-    backward = pass_ == "fwd+bwd"
-    if backward and impl != "copy":
-        for t in (x, w, b, emb):
-            t.requires_grad_()
-    dy = torch.randn_like(x)
-    out = torch.empty_like(x)
-
-    if impl == "fastdiff":  # same numbers as eager before timing anything
-        y_ref, y = eager(x, w, b, emb), fused(x, w, b, emb)
-        # relative to the largest output: bf16 outputs near 8 are 2**-5 apart
-        err = (y.double() - y_ref.double()).abs().max().item() / y_ref.double().abs().max().item()
-        assert err < (1e-4 if dtype == torch.float32 else 1e-2), err
-
-    def step():
-        if impl == "copy":
-            out.copy_(x)
-            if backward:  # backward moves dy and x in, dx out: one more copy-equivalent
-                out.copy_(dy)
-            return
-        y = fn(x, w, b, emb)
-        if backward:
-            torch.autograd.grad(y, (x, w, b, emb), dy)
-
-    if device == "cuda":
-        def timed():
-            step()
-            torch.cuda.synchronize()
-    else:
-        timed = step
-    for _ in range(3):
-        timed()
-    benchmark.group = f"gn-{device}-{str(dtype)[6:]}-{shape}-{pass_}"
-    moved = x.numel() * x.element_size() * (5 if backward else 2)
-    benchmark.extra_info.update(device=device, dtype=str(dtype)[6:], shape=shape,
-                                kind=f"group_norm_silu {pass_}", impl=impl, bytes=moved)
-    rounds = 100 if device == "cuda" else (3 if "vae" in shape else 10)
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+    run_norm_case(benchmark, kind="group_norm_silu", group="gn", shape=shape, impl=impl, pass_=pass_,
+                  device=device, dtype=dtype, fns={"fastdiff": fused, "eager": eager, "compile": compiled()},
+                  inputs=(x, w, b, emb), rounds=100 if device == "cuda" else (3 if "vae" in shape else 10))

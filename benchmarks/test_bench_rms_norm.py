@@ -12,6 +12,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from norm_cases import run_norm_case
 from sampler_cases import DEVICES
 
 import fastdiff
@@ -59,41 +60,7 @@ def test_rms_norm_silu(benchmark, device, dtype, shape, pass_, impl):
     g = (1 + 0.1 * torch.randn(c, generator=gen)).to(device=device, dtype=dtype)
     scale = (0.1 * torch.randn(n, c, generator=gen)).to(device=device, dtype=dtype)
     shift = (0.1 * torch.randn(n, c, generator=gen)).to(device=device, dtype=dtype)
-    fn = {"fastdiff": fused, "eager": eager, "compile": compiled()}.get(impl)
-    backward = pass_ == "fwd+bwd"
-    if backward and impl != "copy":
-        for t in (x, g, scale, shift):
-            t.requires_grad_()
-    dy = torch.randn_like(x)
-    out = torch.empty_like(x)
-
-    if impl == "fastdiff":  # same numbers as eager before timing anything
-        y_ref, y = eager(x, g, scale, shift), fused(x, g, scale, shift)
-        err = (y.double() - y_ref.double()).abs().max().item()
-        assert err < (1e-4 if dtype == torch.float32 else 6e-2), err
-
-    def step():
-        if impl == "copy":
-            out.copy_(x)
-            if backward:  # backward moves dy and x in, dx out: one more copy-equivalent
-                out.copy_(dy)
-            return
-        y = fn(x, g, scale, shift)
-        if backward:
-            torch.autograd.grad(y, (x, g, scale, shift), dy)
-
-    if device == "cuda":
-        def timed():
-            step()
-            torch.cuda.synchronize()
-    else:
-        timed = step
-    for _ in range(3):
-        timed()
-    name = f"{shape}-b{n}"
-    benchmark.group = f"rms-{device}-{str(dtype)[6:]}-{name}-{pass_}"
-    moved = x.numel() * x.element_size() * (5 if backward else 2)
-    benchmark.extra_info.update(device=device, dtype=str(dtype)[6:], shape=name,
-                                kind=f"rms_norm_silu {pass_}", impl=impl, bytes=moved)
-    rounds = 100 if device == "cuda" else 10
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+    run_norm_case(benchmark, kind="rms_norm_silu", group="rms", shape=f"{shape}-b{n}", impl=impl,
+                  pass_=pass_, device=device, dtype=dtype,
+                  fns={"fastdiff": fused, "eager": eager, "compile": compiled()},
+                  inputs=(x, g, scale, shift), rounds=100 if device == "cuda" else 10)
