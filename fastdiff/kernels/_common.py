@@ -51,3 +51,27 @@ def scalar_arg(v: Optional[float], fp64: bool):
 def device_guard(t: torch.Tensor):
     """Launch on t's GPU (a no-op context for CPU tensors under the interpreter)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _is_channels_last(op: str, t: torch.Tensor) -> bool:
+    if t.is_contiguous():
+        return False
+    if t.dim() > 2 and t.permute(0, *range(2, t.dim()), 1).is_contiguous():
+        return True
+    raise ValueError(
+        f"{op} (triton backend): tensors must be contiguous or channels_last, "
+        f"got shape {tuple(t.shape)} with strides {t.stride()}"
+    )
+
+
+def check_layout(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """Whether x (N, C, *spatial) is channels_last (else contiguous: anything else
+    raises); every other tensor given must share x's shape and layout."""
+    cl = _is_channels_last(op, x)
+    for t in others:
+        if t is not None and (t.shape != x.shape or _is_channels_last(op, t) != cl):
+            raise ValueError(
+                f"{op} (triton backend): x, dy, y and dx must share shape and "
+                f"memory layout, got strides {x.stride()} and {t.stride()}"
+            )
+    return cl

@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard, opmath_scalar, round_to, scalar_arg
+from ._common import check_layout, device_guard, opmath_scalar, round_to, scalar_arg
 from .._alloc import empty
 
 __all__ = [
@@ -778,28 +778,6 @@ def _block_k(k: int, plan: Plan, budget: int) -> int:
     return min(triton.next_power_of_2(k), triton.next_power_of_2(bk))
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
-    if t.is_contiguous():
-        return False
-    if t.dim() > 2 and t.permute(0, *range(2, t.dim()), 1).is_contiguous():
-        return True
-    raise ValueError(
-        f"group_norm_silu (triton backend): tensors must be contiguous or channels_last, "
-        f"got shape {tuple(t.shape)} with strides {t.stride()}"
-    )
-
-
-def _check_layout(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
-    cl = _is_channels_last(x)
-    for t in others:
-        if t is not None and (t.shape != x.shape or _is_channels_last(t) != cl):
-            raise ValueError(
-                "group_norm_silu (triton backend): x, dy, y and dx must share shape and "
-                f"memory layout, got strides {x.stride()} and {t.stride()}"
-            )
-    return cl
-
-
 def _dims(x: torch.Tensor, num_groups: int) -> tuple[int, int, int, int, int]:
     n, c = x.shape[:2]
     s = x.numel() // (n * c)
@@ -814,7 +792,7 @@ def _dims(x: torch.Tensor, num_groups: int) -> tuple[int, int, int, int, int]:
 def group_norm_silu_fwd_triton(x, weight, bias, emb, scale, shift, num_groups, eps, act,
                                y, mean, rstd, *, plan: Optional[Plan] = None) -> None:
     """Writes y, mean, rstd (see the module docstring).  ``plan`` forces a path."""
-    cl = _check_layout(x, y)
+    cl = check_layout("group_norm_silu", x, y)
     n, c, s, g, d = _dims(x, num_groups)
     if plan is None:
         plan = plan_for(n, g, d, s, x.numel() * x.element_size(), _num_sms(x.device), FWD_FUSED_MAX)
@@ -858,7 +836,7 @@ def group_norm_silu_bwd_triton(dy, x, weight, bias, emb, scale, shift, mean, rst
                                plan: Optional[Plan] = None) -> None:
     """Writes every gradient that is not None (see the module docstring).
     ``plan`` forces a path."""
-    cl = _check_layout(x, dy, dx)
+    cl = check_layout("group_norm_silu", x, dy, dx)
     n, c, s, g, d = _dims(x, num_groups)
     if plan is None:
         nbytes = x.numel() * x.element_size()

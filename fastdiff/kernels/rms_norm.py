@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard, opmath_scalar, round_to, scalar_arg
+from ._common import check_layout, device_guard, opmath_scalar, round_to, scalar_arg
 from .group_norm import _act, _act_grad
 from .._alloc import empty
 
@@ -399,28 +399,6 @@ def plan_for(c: int, s: int, channels_last: bool) -> Plan:
     return Plan(False, bc, bp, _warps(bc * bp))
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
-    if t.is_contiguous():
-        return False
-    if t.dim() > 2 and t.permute(0, *range(2, t.dim()), 1).is_contiguous():
-        return True
-    raise ValueError(
-        f"rms_norm_silu (triton backend): tensors must be contiguous or channels_last, "
-        f"got shape {tuple(t.shape)} with strides {t.stride()}"
-    )
-
-
-def _check_layout(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
-    cl = _is_channels_last(x)
-    for t in others:
-        if t is not None and (t.shape != x.shape or _is_channels_last(t) != cl):
-            raise ValueError(
-                "rms_norm_silu (triton backend): x, dy, y and dx must share shape and "
-                f"memory layout, got strides {x.stride()} and {t.stride()}"
-            )
-    return cl
-
-
 def _dims(x: torch.Tensor) -> tuple[int, int, int]:
     n, c = x.shape[:2]
     return n, c, x.numel() // (n * c)
@@ -429,7 +407,7 @@ def _dims(x: torch.Tensor) -> tuple[int, int, int]:
 def rms_norm_silu_fwd_triton(x, weight, scale, shift, eps, act, y, rstd, *,
                              plan: Optional[Plan] = None) -> None:
     """Writes y and rstd (see the module docstring).  ``plan`` forces a path."""
-    cl = _check_layout(x, y)
+    cl = check_layout("rms_norm_silu", x, y)
     n, c, s = _dims(x)
     plan = plan or plan_for(c, s, cl)
     if plan.one_tile:
@@ -449,7 +427,7 @@ def rms_norm_silu_bwd_triton(dy, x, weight, scale, shift, rstd, eps, act,
                              dx, dweight, dscale, dshift, *, plan: Optional[Plan] = None) -> None:
     """Writes every gradient that is not None (see the module docstring).
     ``plan`` forces a path."""
-    cl = _check_layout(x, dy, dx)
+    cl = check_layout("rms_norm_silu", x, dy, dx)
     n, c, s = _dims(x)
     plan = plan or plan_for(c, s, cl)
     if plan.one_tile:
