@@ -67,7 +67,7 @@ CHECK_STEPS = 3  # sampler steps of the agreement check before timing
 def _sizes(device):
     if device == "cuda":
         return dict(batch=64, ddim_steps=100, heun_steps=18, rounds=3)
-    return dict(batch=2, ddim_steps=5, heun_steps=3, rounds=2)
+    return dict(batch=2, ddim_steps=5, heun_steps=3, rounds=5)
 
 
 _MODELS = {}

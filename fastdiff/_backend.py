@@ -260,7 +260,9 @@ _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", _unknown)
 _function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", _unknown)
 _jit_tracing = getattr(torch._C, "_get_tracing_state", None)
 _is_grad_enabled = torch.is_grad_enabled
-_Tensor = torch.Tensor
+# nn.Parameter is a Tensor subclass without a __torch_function__ of its own:
+# module weights must not cost the fast path.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 try:
     from torch.autograd import forward_ad as _forward_ad
@@ -281,7 +283,7 @@ def eager_fast_path(*tensors: Optional[torch.Tensor]) -> bool:
       trace, no torch-function or torch-dispatch mode (make_fx,
       FakeTensorMode, FlopCounterMode, ... see the custom op as one node);
     * no functorch transform (vmap, grad, jvp) is active;
-    * every tensor is exactly ``torch.Tensor``: no subclass (FakeTensor,
+    * every tensor is exactly ``torch.Tensor`` or ``nn.Parameter``: no other subclass (FakeTensor,
       DTensor, ...), anything else goes to the dispatcher, which also gives
       the error for a non-tensor argument;
     * no autograd graph is needed: grad mode is off or no input requires
@@ -304,7 +306,7 @@ def eager_fast_path(*tensors: Optional[torch.Tensor]) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if type(t) is not _Tensor or (grad and t.requires_grad):
+        if type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad):
             return False
     return True
 

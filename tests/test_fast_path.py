@@ -15,6 +15,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 import fastdiff
@@ -192,6 +193,20 @@ def test_grad_needed_takes_the_dispatcher(op, dispatcher_calls):
     out = _outputs(_call(op, _inputs(op, requires_grad=True)))[0]
     assert dispatcher_calls == [op]
     assert out.grad_fn is not None
+
+
+def test_module_parameters_keep_the_fast_path(dispatcher_calls):
+    """nn.Parameter weights (every module's) are plain tensors here: no dispatcher under
+    no_grad, and the backward of a training step skips it too."""
+    norm = fastdiff.nn.GroupNorm(4, 8, act="silu")
+    x = torch.randn(2, 8, 5)
+    with torch.no_grad():
+        y = norm(x)
+    assert dispatcher_calls == []
+    torch.testing.assert_close(y, F.silu(F.group_norm(x, 4, norm.weight, norm.bias)))
+    norm(x.requires_grad_()).sum().backward()
+    assert dispatcher_calls == ["group_norm_silu"]  # the forward (a graph is needed) only
+    assert norm.weight.grad is not None
 
 
 @pytest.mark.parametrize("op", OPS)
