@@ -270,45 +270,96 @@ except ImportError:  # pragma: no cover
     _forward_ad = None
 
 
-def eager_fast_path(*tensors: Optional[torch.Tensor]) -> bool:
-    """True when an op may run its implementation directly, skipping
-    ``torch.ops.fastdiff.*`` (the dispatcher and the custom-op autograd
-    wrapper, ~20 µs of host time per call).
+def eager_mode(*tensors: Optional[torch.Tensor]) -> Optional[str]:
+    """How an op may run eagerly, skipping ``torch.ops.fastdiff.*`` (the
+    dispatcher and the custom-op autograd wrapper, ~20 µs of host time per call
+    on CPU, more on the autograd path):
+
+    * ``"body"``: run the implementation directly -- no autograd graph is
+      needed (grad mode off, or no input requires grad);
+    * ``"autograd"``: run it inside a plain ``torch.autograd.Function`` with the
+      op's own setup_context / backward (see :class:`EagerOp`);
+    * ``None``: go through the dispatcher.
 
     Pass every tensor argument of the op (None for absent optional ones).  The
-    fast path is only taken when going through the dispatcher could not make a
-    difference:
+    dispatcher is skipped only when going through it could not make a difference:
 
     * nothing is tracing: not torch.compile / export (dynamo), no TorchScript
       trace, no torch-function or torch-dispatch mode (make_fx,
       FakeTensorMode, FlopCounterMode, ... see the custom op as one node);
     * no functorch transform (vmap, grad, jvp) is active;
-    * every tensor is exactly ``torch.Tensor`` or ``nn.Parameter``: no other subclass (FakeTensor,
-      DTensor, ...), anything else goes to the dispatcher, which also gives
-      the error for a non-tensor argument;
-    * no autograd graph is needed: grad mode is off or no input requires
-      grad, and no forward-AD level is open (dual tensors).
+    * every tensor is exactly ``torch.Tensor`` or ``nn.Parameter``: no other
+      subclass (FakeTensor, DTensor, ...); anything else goes to the
+      dispatcher, which also gives the error for a non-tensor argument;
+    * no forward-AD level is open (dual tensors).
 
     The outputs are the same tensors the dispatcher path returns (the same
-    body runs; under no_grad the dispatcher adds nothing to them).
+    body runs), and so are the gradients (the same backward runs).
     """
     # is_compiling() first: under dynamo it is constant True, so nothing
     # below is traced (no graph break under fullgraph=True).
     if torch.compiler.is_compiling() or _no_fast_path.get():
-        return False
+        return None
     if _dispatch_modes() or _function_modes() or _functorch_active():
-        return False
+        return None
     if _jit_tracing is None or _jit_tracing() is not None:
-        return False
+        return None
     if _forward_ad is None or _forward_ad._current_level >= 0:
-        return False
+        return None
     grad = _is_grad_enabled()
+    mode = "body"
     for t in tensors:
         if t is None:
             continue
-        if type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad):
-            return False
-    return True
+        if type(t) not in _PLAIN_TENSORS:
+            return None
+        if grad and t.requires_grad:
+            mode = "autograd"
+    return mode
+
+
+def eager_fast_path(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when an op may run its implementation directly (``eager_mode`` is "body")."""
+    return eager_mode(*tensors) == "body"
+
+
+class EagerOp:
+    """Runs a registered op the cheapest way :func:`eager_mode` allows.
+
+    ``forward(*args)`` is the op's body on validated inputs (returning the op's
+    output tuple; output 0 is differentiable, the others are saved statistics),
+    ``setup_context`` / ``backward`` the functions given to ``register_autograd``.
+    The dispatcher path looks the op up in ``torch.ops.fastdiff`` at call time.
+    """
+
+    def __init__(self, name: str, forward: Callable, setup_context: Callable, backward: Callable):
+        self.name = name
+        self.forward = forward
+
+        def function_forward(*args):
+            return forward(*args)
+
+        def function_setup_context(ctx, inputs, output):
+            ctx.mark_non_differentiable(*output[1:])
+            setup_context(ctx, inputs, output)
+
+        def function_backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+        # built with type() so the graph node is named after the op (<name>_eagerBackward)
+        self.function = type(f"{name}_eager", (torch.autograd.Function,), {
+            "forward": staticmethod(function_forward),
+            "setup_context": staticmethod(function_setup_context),
+            "backward": staticmethod(function_backward),
+        })
+
+    def __call__(self, tensors: Sequence[Optional[torch.Tensor]], *args):
+        mode = eager_mode(*tensors)
+        if mode == "body":
+            return self.forward(*args)
+        if mode == "autograd":
+            return self.function.apply(*args)
+        return getattr(torch.ops.fastdiff, self.name)(*args)
 
 
 @contextlib.contextmanager

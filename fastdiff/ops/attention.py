@@ -276,6 +276,8 @@ def _backward(ctx, grad_o, _grad_lse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+# eager calls: the body directly, or a lean autograd.Function, else the dispatcher
+_EAGER = _backend.EagerOp("attention", _forward, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------
@@ -307,6 +309,4 @@ def attention(
     """
     _validate(q, k, v, scale)
     s = ref.default_scale(q.shape[-1]) if scale is None else float(scale)
-    if _backend.eager_fast_path(q, k, v):
-        return _forward(q, k, v, s)[0]
-    return torch.ops.fastdiff.attention(q, k, v, s)[0]
+    return _EAGER((q, k, v), q, k, v, s)[0]

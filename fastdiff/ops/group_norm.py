@@ -265,6 +265,8 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+# eager calls: the body directly, or a lean autograd.Function, else the dispatcher
+_EAGER = _backend.EagerOp("group_norm_silu", _forward, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------
@@ -301,6 +303,4 @@ def group_norm_silu(
     """
     _validate(x, num_groups, weight, bias, eps, emb, scale, shift, act)
     args = (x, num_groups, weight, bias, float(eps), emb, scale, shift, _act_name(act))
-    if _backend.eager_fast_path(x, weight, bias, emb, scale, shift):
-        return _forward(*args)[0]
-    return torch.ops.fastdiff.group_norm_silu(*args)[0]
+    return _EAGER((x, weight, bias, emb, scale, shift), *args)[0]

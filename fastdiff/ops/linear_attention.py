@@ -244,6 +244,8 @@ def _backward(ctx, grad_out, _grad_context, _grad_lse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+# eager calls: the body directly, or a lean autograd.Function, else the dispatcher
+_EAGER = _backend.EagerOp("linear_attention", _forward, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------
@@ -270,6 +272,4 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """
     _validate(q, k, v, scale)
     s = ref.default_scale(q) if scale is None else scale
-    if _backend.eager_fast_path(q, k, v):
-        return _forward(q, k, v, s)[0]
-    return torch.ops.fastdiff.linear_attention(q, k, v, s)[0]
+    return _EAGER((q, k, v), q, k, v, s)[0]

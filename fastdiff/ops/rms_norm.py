@@ -235,6 +235,8 @@ def _backward(ctx, grad_y, _grad_rstd):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+# eager calls: the body directly, or a lean autograd.Function, else the dispatcher
+_EAGER = _backend.EagerOp("rms_norm_silu", _forward, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------
@@ -268,6 +270,4 @@ def rms_norm_silu(
     """
     _validate(x, weight, eps, scale, shift, act)
     args = (x, weight, float(eps), scale, shift, _act_name(act))
-    if _backend.eager_fast_path(x, weight, scale, shift):
-        return _forward(*args)[0]
-    return torch.ops.fastdiff.rms_norm_silu(*args)[0]
+    return _EAGER((x, weight, scale, shift), *args)[0]
