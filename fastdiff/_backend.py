@@ -210,6 +210,28 @@ class Impl:
     run: Callable[..., object]
     reasons: Callable[..., list[str]] = no_reasons
 
+    def __post_init__(self):
+        if self.backend == "torch":
+            object.__setattr__(self, "run", _without_autocast(self.run))
+
+
+def _without_autocast(run: Callable[..., object]) -> Callable[..., object]:
+    """The torch backend computes in the op's own precision, as the kernels do:
+    autocast (which also reaches inside a custom op's body) would otherwise cast
+    the reference's matmuls and leave forward and backward in different dtypes."""
+    any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+    @functools.wraps(run)
+    def wrapped(*args, **kwargs):
+        if any_autocast is not None and not any_autocast():
+            return run(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return run(*args, **kwargs)
+
+    return wrapped
+
 
 def extension_has(symbol: str) -> Callable[..., list[str]]:
     """A ``reasons`` function for extension backends: the built ``fastdiff._C``

@@ -152,6 +152,32 @@ def test_backward_gradients_are_bit_identical(op, backend, dispatcher_calls):
         assert torch.equal(g_fast, g_slow)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", sorted(BACKWARD_OPS))
+def test_autocast_and_checkpoint_see_the_same_op_on_both_paths(op, backend):
+    """Under autocast (whatever it does to the body's inner torch ops) and under
+    activation checkpointing (both flavours), the eager paths and the dispatcher
+    give the same outputs and gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(force, wrap):
+        a = _inputs(op, requires_grad=True)
+        ctx = _backend.force_dispatcher() if force else contextlib.nullcontext()
+        with _backend_ctx(backend), ctx:
+            out = wrap(lambda *t: _call(op, dict(zip(a, t))), *a.values())
+            out.float().sum().backward()
+        return [out.detach()] + [t.grad for t in a.values()]
+
+    wraps = {
+        "autocast": lambda f, *t: torch.autocast("cpu", dtype=torch.bfloat16)(f)(*t),
+        "checkpoint": lambda f, *t: checkpoint(f, *t, use_reentrant=False),
+        "checkpoint-reentrant": lambda f, *t: checkpoint(f, *t, use_reentrant=True),
+    }
+    for name, wrap in wraps.items():
+        for fast, slow in zip(run(False, wrap), run(True, wrap), strict=True):
+            assert torch.equal(fast, slow), name
+
+
 @pytest.mark.parametrize("op", sorted(BACKWARD_OPS))
 def test_double_backward_keeps_the_dispatcher(op, dispatcher_calls):
     """create_graph=True records the backward op: it must go through the dispatcher
