@@ -30,7 +30,14 @@ def run_benchmarks(extra: list[str]) -> dict:
         out = os.path.join(tmp, "bench.json")
         cmd = [sys.executable, "-m", "pytest", HERE, "--benchmark-only", "-q",
                f"--benchmark-json={out}", "-p", "no:cacheprovider", *extra]
-        subprocess.run(cmd, check=True)
+        code = subprocess.run(cmd).returncode
+        # 1: some cases failed (their agreement check, say): the others' timings are
+        # still real, so they are stored, and the failures are named here
+        if code not in (0, 1) or not os.path.exists(out):
+            raise SystemExit(f"pytest exited with {code}; nothing stored")
+        if code == 1:
+            print("make_results: some benchmark cases FAILED (see above); storing the ones "
+                  "that passed", file=sys.stderr)
         with open(out) as f:
             return json.load(f)
 
