@@ -11,7 +11,10 @@ dim_mults 1-2-4-8, GroupNorm blocks), 3x32x32 images:
 * ``fastdiff``         -- ``fastdiff.nn.UNet`` with the same weights + fastdiff's
                           scheduler / sampler (fused steps);
 * ``compile``          -- ``torch.compile`` of the eager model + the eager update;
-* ``fastdiff+compile`` -- ``torch.compile`` of ``fastdiff.nn.UNet`` + fastdiff's sampler.
+* ``fastdiff+compile`` -- ``torch.compile`` of ``fastdiff.nn.UNet`` + fastdiff's sampler;
+* ``fastdiff+graph``   -- (CUDA, sampling) the ``fastdiff`` run recorded once into a CUDA
+                          graph by :func:`fastdiff.sampling.capture` and replayed: no host
+                          work per step.
 
 Rows ``unet64v2-*``: the same U-Net with denoising-diffusion-pytorch 2.x's own blocks
 (RMSNorm over channels in every ``Block``): ``eager``, ``optimize`` (fused RMSNorm +
@@ -37,7 +40,7 @@ import fastdiff
 from fastdiff import schedules
 from fastdiff.cli import _EpsDenoiser
 from fastdiff.nn.unet import UNet
-from fastdiff.sampling import get_sigmas_karras, sample_heun
+from fastdiff.sampling import capture, get_sigmas_karras, sample_heun
 from fastdiff.schedulers import DDIMScheduler
 from fastdiff.testing import max_rel_error
 from fastdiff.training import ddpm_loss
@@ -98,6 +101,8 @@ _COMPILED = {}
 
 def _model_for(impl, device, arch="v1"):
     models = _models(device, arch)
+    if impl == "fastdiff+graph":
+        return models["fastdiff"]
     if impl == "compile":
         key = (device, arch, "eager")
     elif impl == "fastdiff+compile":
@@ -110,7 +115,7 @@ def _model_for(impl, device, arch="v1"):
 
 
 def _fused_sampler(impl):
-    return impl in ("optimize", "fastdiff", "fastdiff+compile")
+    return impl in ("optimize", "fastdiff", "fastdiff+compile", "fastdiff+graph")
 
 
 @torch.no_grad()
@@ -151,6 +156,8 @@ def fastdiff_train_step(model, x0, ab, noise, t):
 PARAMS = [pytest.param(dev, kind, impl, arch, id=f"{dev}-{kind}-{impl}" + ("-v2" if arch == "v2" else ""))
           for arch, impls in (("v1", IMPLS), ("v2", IMPLS_V2))
           for dev in DEVICES for kind in KINDS for impl in impls]
+PARAMS += [pytest.param(dev, kind, "fastdiff+graph", "v1", id=f"{dev}-{kind}-fastdiff+graph")
+           for dev in DEVICES if dev == "cuda" for kind in ("ddim", "heun")]
 
 
 @pytest.mark.parametrize("device, kind, impl, arch", PARAMS)
@@ -193,10 +200,18 @@ def test_e2e(benchmark, device, kind, impl, arch):
             return step(train_model, x0, ab, noise, t)
         calls = 3  # forward + backward (~2 forwards)
 
+    if impl == "fastdiff+graph":  # same kernels as ``fastdiff``, replayed from a graph
+        sampler = fn
+        if kind == "heun":  # capture wants the σ schedule as Python floats
+            sampler = lambda: sample_heun(den, x, sigmas.tolist(), disable=True)  # noqa: E731
+        run = capture(lambda _: sampler(), x_T)
+        assert max_rel_error(run(x_T).clone(), sampler()) < 1e-3
+        fn = lambda: run(x_T)  # noqa: E731
+
     # same numbers as the eager run, checked on a short run: a randomly initialised
     # U-Net's 100-step clipped DDIM trajectory is chaotic, and TF32 convolutions
     # (torch.compile's too) flip pixels between -1 and +1 by the end
-    if impl != "eager" and kind != "train":
+    if impl not in ("eager", "fastdiff+graph") and kind != "train":
         check_model = _model_for(impl, device, arch)
         eager_model = _models(device, arch)["eager"]
         if kind == "ddim":
