@@ -141,6 +141,38 @@ def _small(t: Optional[torch.Tensor], acc: torch.dtype) -> Optional[torch.Tensor
     return t.to(acc).contiguous()
 
 
+def _grad_buffers(x: torch.Tensor, params: tuple, output_mask: list[bool],
+                  acc: torch.dtype) -> list[Optional[torch.Tensor]]:
+    """Outputs of a fused norm backward: dx like (canonical) x, then one opmath
+    buffer per wanted, present parameter (None otherwise); zeros for an empty x."""
+    grads = [empty_like(x) if output_mask[0] else None]
+    for want, t in zip(output_mask[1:], params):
+        grads.append(empty(*t.shape, dtype=acc, device=x.device) if want and t is not None else None)
+    if x.numel() == 0:
+        for g in grads:
+            if g is not None:
+                g.zero_()
+    return grads
+
+
+def _grad_results(x: torch.Tensor, grads: list, params: tuple) -> tuple[torch.Tensor, ...]:
+    """The backward op's outputs: each gradient in its input's dtype, an empty
+    (0-element) tensor for an input that is absent or was not asked for."""
+    results = [grads[0] if grads[0] is not None else x.new_empty(0)]
+    for g, t in zip(grads[1:], params):
+        results.append(x.new_empty(0) if g is None else g.to(t.dtype))
+    return tuple(results)
+
+
+def _fake_grads(x: torch.Tensor, params: tuple, output_mask: list[bool]) -> tuple[torch.Tensor, ...]:
+    """:func:`_grad_results`' shapes, strides and dtypes, for the fake kernels."""
+    fmt = _memory_format(x)
+    results = [torch.empty_like(x.contiguous(memory_format=fmt)) if output_mask[0] else x.new_empty(0)]
+    for want, t in zip(output_mask[1:], params):
+        results.append(torch.empty_like(t) if want and t is not None else x.new_empty(0))
+    return tuple(results)
+
+
 def _act_name(act: Optional[str]) -> str:
     return "none" if act is None else act
 
@@ -213,20 +245,11 @@ def _backward_body(
     x = x.contiguous(memory_format=fmt)
     grad_y = grad_y.to(x.dtype).contiguous(memory_format=fmt)
     params = (weight, bias, emb, scale, shift)
-    grads = [empty_like(x) if output_mask[0] else None]
-    for want, t in zip(output_mask[1:], params):
-        grads.append(empty(*t.shape, dtype=acc, device=x.device) if want and t is not None else None)
-    if x.numel() == 0:
-        for g in grads:
-            if g is not None:
-                g.zero_()
-    else:
+    grads = _grad_buffers(x, params, output_mask, acc)
+    if x.numel() > 0:
         impl = _backend.select("fastdiff::group_norm_silu_backward", _BWD, x.device, {})
         impl.run(grad_y, x, *(_small(t, acc) for t in params), mean, rstd, num_groups, act, grads)
-    results = [grads[0] if grads[0] is not None else x.new_empty(0)]
-    for g, t in zip(grads[1:], params):
-        results.append(x.new_empty(0) if g is None else g.to(t.dtype))
-    return tuple(results)
+    return _grad_results(x, grads, params)
 
 
 # Registered from the plain function so the eager fast path of the backward
@@ -236,11 +259,7 @@ _bwd_op = torch.library.custom_op("fastdiff::group_norm_silu_backward", mutates_
 
 @_bwd_op.register_fake
 def _(grad_y, x, num_groups, weight, bias, emb, scale, shift, mean, rstd, act, output_mask):
-    fmt = _memory_format(x)
-    results = [torch.empty_like(x.contiguous(memory_format=fmt)) if output_mask[0] else x.new_empty(0)]
-    for want, t in zip(output_mask[1:], (weight, bias, emb, scale, shift)):
-        results.append(torch.empty_like(t) if want and t is not None else x.new_empty(0))
-    return tuple(results)
+    return _fake_grads(x, (weight, bias, emb, scale, shift), output_mask)
 
 
 def _setup_context(ctx, inputs, output):

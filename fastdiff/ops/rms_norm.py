@@ -22,7 +22,14 @@ import torch
 from .. import _backend
 from .._alloc import empty, empty_like
 from ..reference import rms_norm as ref
-from .group_norm import _act_name, _memory_format, _small
+from .group_norm import (
+    _act_name,
+    _fake_grads,
+    _grad_buffers,
+    _grad_results,
+    _memory_format,
+    _small,
+)
 
 __all__ = ["rms_norm_silu"]
 
@@ -182,21 +189,12 @@ def _backward_body(
     x = x.contiguous(memory_format=fmt)
     grad_y = grad_y.to(x.dtype).contiguous(memory_format=fmt)
     params = (weight, scale, shift)
-    grads = [empty_like(x) if output_mask[0] else None]
-    for want, t in zip(output_mask[1:], params):
-        grads.append(empty(*t.shape, dtype=acc, device=x.device) if want and t is not None else None)
-    if x.numel() == 0:
-        for g in grads:
-            if g is not None:
-                g.zero_()
-    else:
+    grads = _grad_buffers(x, params, output_mask, acc)
+    if x.numel() > 0:
         impl = _backend.select("fastdiff::rms_norm_silu_backward", _BWD, x.device, {})
         impl.run(grad_y, x, *(_small(t, acc) for t in params), rstd.contiguous(), float(eps), act,
                  grads)
-    results = [grads[0] if grads[0] is not None else x.new_empty(0)]
-    for g, t in zip(grads[1:], params):
-        results.append(x.new_empty(0) if g is None else g.to(t.dtype))
-    return tuple(results)
+    return _grad_results(x, grads, params)
 
 
 # Registered from the plain function so the eager fast path of the backward
@@ -206,11 +204,7 @@ _bwd_op = torch.library.custom_op("fastdiff::rms_norm_silu_backward", mutates_ar
 
 @_bwd_op.register_fake
 def _(grad_y, x, weight, eps, scale, shift, rstd, act, output_mask):
-    fmt = _memory_format(x)
-    results = [torch.empty_like(x.contiguous(memory_format=fmt)) if output_mask[0] else x.new_empty(0)]
-    for want, t in zip(output_mask[1:], (weight, scale, shift)):
-        results.append(torch.empty_like(t) if want and t is not None else x.new_empty(0))
-    return tuple(results)
+    return _fake_grads(x, (weight, scale, shift), output_mask)
 
 
 def _setup_context(ctx, inputs, output):
