@@ -345,6 +345,17 @@ def eager_fast_path(*tensors: Optional[torch.Tensor]) -> bool:
     return eager_mode(*tensors) == "body"
 
 
+def run_backward(ctx, name: str, body: Callable, *args):
+    """An op's backward from its autograd ``backward``: under the backend the
+    forward recorded (:func:`remember_backend`), the backward body directly when
+    no graph is recorded over it (eager), else ``torch.ops.fastdiff.<name>``
+    (create_graph, tracing)."""
+    with backend_of(ctx):
+        if eager_fast_path(*(a for a in args if isinstance(a, torch.Tensor))):
+            return body(*args)
+        return getattr(torch.ops.fastdiff, name)(*args)
+
+
 class EagerOp:
     """Runs a registered op the cheapest way :func:`eager_mode` allows.
 

@@ -266,12 +266,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_o, _grad_lse):
     q, k, v, o, lse = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
-    with _backend.backend_of(ctx):
-        args = (grad_o, q, k, v, o, lse, ctx.scale, mask)
-        if _backend.eager_fast_path(grad_o, q, k, v, o, lse):
-            grads = _backward_body(*args)
-        else:
-            grads = torch.ops.fastdiff.attention_backward(*args)
+    grads = _backend.run_backward(ctx, "attention_backward", _backward_body,
+                                  grad_o, q, k, v, o, lse, ctx.scale, mask)
     return (*(g if m else None for g, m in zip(grads, mask)), None)
 
 

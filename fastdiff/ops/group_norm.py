@@ -273,12 +273,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, bias, emb, scale, shift, mean, rstd = ctx.saved_tensors
     mask = [ctx.needs_input_grad[i] for i in (0, 2, 3, 5, 6, 7)]
-    with _backend.backend_of(ctx):
-        args = (grad_y, x, ctx.num_groups, weight, bias, emb, scale, shift, mean, rstd, ctx.act, mask)
-        if _backend.eager_fast_path(grad_y, x, weight, bias, emb, scale, shift, mean, rstd):
-            grads = _backward_body(*args)
-        else:
-            grads = torch.ops.fastdiff.group_norm_silu_backward(*args)
+    grads = _backend.run_backward(ctx, "group_norm_silu_backward", _backward_body, grad_y, x,
+                                  ctx.num_groups, weight, bias, emb, scale, shift, mean, rstd,
+                                  ctx.act, mask)
     dx, dw, db, demb, dscale, dshift = (g if m else None for g, m in zip(grads, mask))
     return dx, None, dw, db, None, demb, dscale, dshift, None
 

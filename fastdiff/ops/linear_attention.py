@@ -233,12 +233,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_context, _grad_lse):
     q, k, v, context, lse = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
-    with _backend.backend_of(ctx):
-        args = (grad_out, q, k, v, context, lse, ctx.scale, mask)
-        if _backend.eager_fast_path(grad_out, q, k, v, context, lse):
-            grads = _backward_body(*args)
-        else:
-            grads = torch.ops.fastdiff.linear_attention_backward(*args)
+    grads = _backend.run_backward(ctx, "linear_attention_backward", _backward_body,
+                                  grad_out, q, k, v, context, lse, ctx.scale, mask)
     dq, dk, dv = (g if m else None for g, m in zip(grads, mask))
     return dq, dk, dv, None
 

@@ -218,12 +218,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_rstd):
     x, weight, scale, shift, rstd = ctx.saved_tensors
     mask = [ctx.needs_input_grad[i] for i in (0, 1, 3, 4)]
-    with _backend.backend_of(ctx):
-        args = (grad_y, x, weight, ctx.eps, scale, shift, rstd, ctx.act, mask)
-        if _backend.eager_fast_path(grad_y, x, weight, scale, shift, rstd):
-            grads = _backward_body(*args)
-        else:
-            grads = torch.ops.fastdiff.rms_norm_silu_backward(*args)
+    grads = _backend.run_backward(ctx, "rms_norm_silu_backward", _backward_body, grad_y, x, weight,
+                                  ctx.eps, scale, shift, rstd, ctx.act, mask)
     dx, dw, dscale, dshift = (g if m else None for g, m in zip(grads, mask))
     return dx, dw, None, dscale, dshift, None
 
