@@ -54,7 +54,8 @@ different classes and are deliberately not matched).
 denoising-diffusion-pytorch's ``Block`` is fused in both generations: 1.x
 normalises with ``GroupNorm`` (-> :func:`fastdiff.ops.group_norm_silu`), 2.x with
 an RMSNorm over channels (``F.normalize(x, dim=1) * g * sqrt(C)`` ->
-:func:`fastdiff.ops.rms_norm_silu`).
+:func:`fastdiff.ops.rms_norm_silu`); the standalone RMSNorms around its attention blocks
+become ``rms_norm_silu(act=None)`` calls.
 
 Limitations: a rebound ``forward`` is a bound
 method in the instance's ``__dict__``: ``copy.deepcopy`` handles it, pickling
@@ -545,6 +546,34 @@ class DDPMBlock(Patcher):
         return _unbind_forward(module)
 
 
+class DDPMRMSNorm(Patcher):
+    """A standalone 2.x ``RMSNorm`` (the norms before and after ``Attention`` /
+    ``LinearAttention``; a ``Block``'s own norm is also covered, for the fallback lines
+    of its patched forward): ``F.normalize`` + two broadcast multiplies become one
+    ``rms_norm_silu(act=None)`` call (fastdiff.nn.RMSNorm's forward, which keeps the
+    library's lines when ``g`` has another dtype than x)."""
+
+    kind = "denoising-diffusion-pytorch RMSNorm"
+    classes = (_DDPM_UNET + ":RMSNorm",)
+
+    def why_not(self, module):
+        if "forward" in module.__dict__:
+            return "its forward is already replaced on the instance"
+        if not _ddpm_rms_norm(module):
+            return "not F.normalize(x, dim=1) * g * sqrt(C) with g of shape (1, C, 1, 1)"
+        if _hooked(module):
+            return "hooks on the module"
+        return None
+
+    def apply(self, module):
+        from .nn.attention import RMSNorm
+
+        return _bind_forward(module, RMSNorm.forward)
+
+    def revert(self, module):
+        return _unbind_forward(module)
+
+
 class _DDPMAttentionSwap(Patcher):
     """Swaps in a fastdiff module constructed on the meta device, then given the original's
     Parameter objects and submodules under the same names; the original is kept for revert."""
@@ -645,7 +674,8 @@ class DDPMLinearAttention(_DDPMAttentionSwap):
 
 
 for _patcher in (DiffusersResnetBlock2D(), DiffusersAttention(), DiffusersUNetOutputHead(),
-                 DDPMBlock(), DDPMAttention(), DDPMLinearAttention(), SequentialGroupNormSiLU()):
+                 DDPMBlock(), DDPMAttention(), DDPMLinearAttention(), DDPMRMSNorm(),
+                 SequentialGroupNormSiLU()):
     register(_patcher)
 del _patcher
 

@@ -25,6 +25,7 @@ from fastdiff._optimize import (
     DDPMAttention,
     DDPMBlock,
     DDPMLinearAttention,
+    DDPMRMSNorm,
     DiffusersAttention,
     DiffusersResnetBlock2D,
     DiffusersUNetOutputHead,
@@ -325,16 +326,19 @@ def test_ddpm_unet(ddpm):
     model = ddpm.Unet(8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3.0, 700.0])
     report = roundtrip(model, lambda m: m(*_cast(m, x, t)),
-                       {DDPMBlock.kind: 22, DDPMAttention.kind: 3, DDPMLinearAttention.kind: 2},
+                       {DDPMBlock.kind: 22, DDPMAttention.kind: 3, DDPMLinearAttention.kind: 2,
+                        DDPMRMSNorm.kind: 29},  # 22 in Blocks, 1 per Attention, 2 per LinearAttention
                        compile_backend="aot_eager")
     assert "mid_attn" in report.patched[DDPMAttention.kind]
+    assert "mid_attn.norm" in report.patched[DDPMRMSNorm.kind]
     assert "downs.0.0.block1" in report.patched[DDPMBlock.kind]  # 2.x RMSNorm blocks fused
     assert report.skipped == {}
 
 
 def test_ddpm_rms_block_calls_the_fused_op_and_falls_back_exactly(ddpm, monkeypatch):
     """A 2.x Block runs one rms_norm_silu call; inputs the op cannot take as the library
-    would (broadcast scale-shift, a g of another dtype) run the library's own lines."""
+    would (broadcast scale-shift, a g of another dtype) run the library's own lines (with
+    the block's norm, itself patched, when g has x's dtype)."""
     import fastdiff._optimize as opt
 
     calls = []
@@ -352,7 +356,8 @@ def test_ddpm_rms_block_calls_the_fused_op_and_falls_back_exactly(ddpm, monkeypa
     assert_close(block(x), twin(x), rtol=RTOL)
     assert len(calls) == 2
     broadcast = (torch.randn(1, 6, 1, 1), torch.randn(1, 6, 1, 1))
-    assert torch.equal(block(x, broadcast), twin(x, broadcast))
+    assert_close(block(x, broadcast), twin(x, broadcast), rtol=RTOL)  # its patched norm + the lines
+    assert len(calls) == 2
     block.norm.g.data = block.norm.g.data.double()
     twin.norm.g.data = twin.norm.g.data.double()
     assert torch.equal(block(x), twin(x))  # promoted to float64 by the library's lines
@@ -365,7 +370,47 @@ def test_ddpm_unet_v1_blocks(ddpm):
     model = ddpm.Unet(8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=8, resnet_block=resnet_block)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3.0, 700.0])
     report = roundtrip(model, lambda m: m(*_cast(m, x, t)),
-                       {DDPMBlock.kind: 22, DDPMAttention.kind: 3, DDPMLinearAttention.kind: 2},
+                       {DDPMBlock.kind: 22, DDPMAttention.kind: 3, DDPMLinearAttention.kind: 2,
+                        DDPMRMSNorm.kind: 7},  # the attention blocks' (1.x Blocks use GroupNorm)
                        compile_backend="aot_eager")
     assert "downs.0.0.block1" in report.patched[DDPMBlock.kind]
+    assert "downs.0.2.to_out.1" in report.patched[DDPMRMSNorm.kind]
     assert report.skipped == {}
+
+
+def test_ddpm_rms_norm_calls_the_fused_op_and_falls_back_exactly(ddpm, monkeypatch):
+    """A standalone 2.x RMSNorm runs one rms_norm_silu(act=None) call (values and the
+    gradients of x and g as the library's lines); a g of another dtype runs the library's
+    own lines; an RMSNorm whose scale is not sqrt(C) is skipped with the reason."""
+    import fastdiff.nn.attention as fattn
+
+    calls = []
+    real = fattn.rms_norm_silu
+    monkeypatch.setattr(fattn, "rms_norm_silu", lambda *a, **k: calls.append(k) or real(*a, **k))
+    norm = ddpm.RMSNorm(6)
+    with torch.no_grad():
+        norm.g.copy_(torch.rand(1, 6, 1, 1) + 0.5)
+    twin = copy.deepcopy(norm)
+    optimize(norm)
+    assert norm.fastdiff_report.counts == {DDPMRMSNorm.kind: 1}
+    x = torch.randn(3, 6, 5, 7, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    got, expected = norm(x), twin(x2)
+    assert len(calls) == 1 and calls[0]["act"] is None
+    assert_close(got, expected, rtol=RTOL)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    expected.backward(grad)
+    assert_close(x.grad, x2.grad, rtol=RTOL, name="dx")
+    assert_close(norm.g.grad, twin.g.grad, rtol=RTOL, name="dg")
+    with torch.no_grad():
+        assert_close(norm(x.double()), twin(x.double()), rtol=RTOL)  # float64 x, float32 g
+    assert len(calls) == 1
+    revert(norm)
+    assert "forward" not in norm.__dict__
+
+    odd = ddpm.RMSNorm(6)
+    odd.scale = 1.0
+    optimize(odd)
+    (path, reason), = odd.fastdiff_report.skipped[DDPMRMSNorm.kind]
+    assert "sqrt(C)" in reason and "forward" not in odd.__dict__
