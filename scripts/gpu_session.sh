@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one command: build the CUDA extension in place, then run
 # the named stages.  Usage (on the device machine, repo root):
-#     bash scripts/gpu_session.sh build tests sanitize bench e2e
+#     bash scripts/gpu_session.sh build overhead profile tests sanitize probe bench
 # Logs and results go to $OUT (the device tool's return folder) or /tmp/gpu_out.
 # A prebuilt module for this Python/torch (fastdiff/_C.*.so) is reused when it imports.
 set -uo pipefail
@@ -73,6 +73,14 @@ stage_sanitize() {
 stage_overhead() {
     timeout 300 python3 benchmarks/overhead.py --device cuda --profile >"$OUT/overhead.log" 2>&1
     echo "overhead: rc $?"; sed -n 1,16p "$OUT/overhead.log"
+}
+
+# Kernel time vs wall time per training / sampling step of the e2e U-Net, by kernel name:
+# which fused kernels are slower than eager's, and whether the GPU waits on the host.
+stage_profile() {
+    (cd benchmarks && timeout ${PROFILE_TIMEOUT:-300} python3 profile_e2e.py --device cuda \
+        --batch ${PROFILE_BATCH:-64} --top 20) >"$OUT/profile.log" 2>&1
+    echo "profile: rc $?"; grep -E "^==|^torch" "$OUT/profile.log"
 }
 
 # BENCH_GROUPS: ';'-separated pytest -k expressions, one make_results run each, so a
