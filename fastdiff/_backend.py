@@ -281,6 +281,11 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", _unkno
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", _unknown)
 _function_modes = getattr(torch._C, "_is_torch_function_mode_enabled", _unknown)
 _jit_tracing = getattr(torch._C, "_get_tracing_state", None)
+try:  # the mode of torch.set_default_device / `with torch.device(...)`
+    from torch.overrides import _get_current_function_mode_stack as _function_mode_stack
+    from torch.utils._device import DeviceContext as _DeviceContext
+except ImportError:  # pragma: no cover
+    _function_mode_stack = _DeviceContext = None
 _is_grad_enabled = torch.is_grad_enabled
 # nn.Parameter is a Tensor subclass without a __torch_function__ of its own:
 # module weights must not cost the fast path.
@@ -307,8 +312,11 @@ def eager_mode(*tensors: Optional[torch.Tensor]) -> Optional[str]:
     dispatcher is skipped only when going through it could not make a difference:
 
     * nothing is tracing: not torch.compile / export (dynamo), no TorchScript
-      trace, no torch-function or torch-dispatch mode (make_fx,
-      FakeTensorMode, FlopCounterMode, ... see the custom op as one node);
+      trace, no torch-dispatch mode and no torch-function mode (make_fx,
+      FakeTensorMode, FlopCounterMode, ... see the custom op as one node) but
+      torch's default-device mode (``torch.set_default_device``, ``with
+      torch.device(...)``), which only fills in ``device=`` of factory calls
+      and acts on the op's body alike on both paths;
     * no functorch transform (vmap, grad, jvp) is active;
     * every tensor is exactly ``torch.Tensor`` or ``nn.Parameter``: no other
       subclass (FakeTensor, DTensor, ...); anything else goes to the
@@ -322,7 +330,9 @@ def eager_mode(*tensors: Optional[torch.Tensor]) -> Optional[str]:
     # below is traced (no graph break under fullgraph=True).
     if torch.compiler.is_compiling() or _no_fast_path.get():
         return None
-    if _dispatch_modes() or _function_modes() or _functorch_active():
+    if _dispatch_modes() or _functorch_active():
+        return None
+    if _function_modes() and not _only_device_modes():
         return None
     if _jit_tracing is None or _jit_tracing() is not None:
         return None
@@ -338,6 +348,13 @@ def eager_mode(*tensors: Optional[torch.Tensor]) -> Optional[str]:
         if grad and t.requires_grad:
             mode = "autograd"
     return mode
+
+
+def _only_device_modes() -> bool:
+    """Every active torch-function mode is a default-device one."""
+    if _function_mode_stack is None:
+        return False
+    return all(type(m) is _DeviceContext for m in _function_mode_stack())
 
 
 def eager_fast_path(*tensors: Optional[torch.Tensor]) -> bool:
@@ -360,12 +377,14 @@ class EagerOp:
     """Runs a registered op the cheapest way :func:`eager_mode` allows.
 
     ``forward(*args)`` is the op's body on validated inputs (returning the op's
-    output tuple; output 0 is differentiable, the others are saved statistics),
-    ``setup_context`` / ``backward`` the functions given to ``register_autograd``.
-    The dispatcher path looks the op up in ``torch.ops.fastdiff`` at call time.
+    output tuple; its first ``differentiable`` outputs are differentiable, the
+    others are saved statistics), ``setup_context`` / ``backward`` the functions
+    given to ``register_autograd``.  The dispatcher path looks the op up in
+    ``torch.ops.fastdiff`` at call time.
     """
 
-    def __init__(self, name: str, forward: Callable, setup_context: Callable, backward: Callable):
+    def __init__(self, name: str, forward: Callable, setup_context: Callable, backward: Callable,
+                 differentiable: int = 1):
         self.name = name
         self.forward = forward
 
@@ -376,7 +395,7 @@ class EagerOp:
         # callers that need the separate one (eager_mode returns None there).
         def function_forward(ctx, *args):
             output = forward(*args)
-            ctx.mark_non_differentiable(*output[1:])
+            ctx.mark_non_differentiable(*output[differentiable:])
             setup_context(ctx, args, output)
             return output
 

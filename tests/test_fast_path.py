@@ -191,12 +191,25 @@ def test_double_backward_keeps_the_dispatcher(op, dispatcher_calls):
     assert dispatcher_calls == [f"{op}_backward"]
 
 
-def test_sampler_step_grad_goes_through_the_dispatcher(dispatcher_calls):
-    a = _inputs("sampler_step", requires_grad=True)
-    out, _ = _call("sampler_step", a)
+def test_sampler_step_grad_takes_the_eager_function_with_the_dispatchers_gradients(dispatcher_calls):
+    """Both outputs (out and x0) are differentiable on the eager autograd path, and every
+    input gradient equals the dispatcher path's."""
+    results = []
+    for force in (False, True):
+        a = _inputs("sampler_step", requires_grad=True)
+        ctx = _backend.force_dispatcher() if force else contextlib.nullcontext()
+        with ctx:
+            out, x0 = _call("sampler_step", a)
+            assert out.requires_grad and x0.requires_grad
+            (out.sum() + 2 * x0.sum()).backward()
+        results.append([out.detach(), x0.detach(), a["x"].grad, a["model_output"].grad,
+                        a["noise"].grad])
+        if not force:
+            assert dispatcher_calls == []
+            assert type(out.grad_fn).__name__.startswith("sampler_step_eager")
     assert dispatcher_calls == ["sampler_step"]
-    out.sum().backward()
-    assert a["x"].grad is not None and a["model_output"].grad is not None
+    for fast, slow in zip(*results, strict=True):
+        assert fast is not None and torch.equal(fast, slow)
 
 
 def test_steps_helpers_take_the_fast_path(dispatcher_calls):
@@ -218,13 +231,10 @@ def test_steps_helpers_take_the_fast_path(dispatcher_calls):
 @pytest.mark.parametrize("op", OPS)
 def test_grad_needed_takes_the_eager_autograd_function(op, dispatcher_calls):
     """Grad needed in eager mode: the op's body inside a plain autograd.Function (its
-    statistics outputs non-differentiable); sampler_step keeps the dispatcher."""
+    statistics outputs non-differentiable)."""
     out = _outputs(_call(op, _inputs(op, requires_grad=True)))[0]
-    if op == "sampler_step":
-        assert dispatcher_calls == [op]
-    else:
-        assert dispatcher_calls == []
-        assert type(out.grad_fn).__name__.startswith(f"{op}_eager")
+    assert dispatcher_calls == []
+    assert type(out.grad_fn).__name__.startswith(f"{op}_eager")
 
 
 def test_module_parameters_keep_the_fast_path(dispatcher_calls):
@@ -335,6 +345,32 @@ def test_modes_disable_the_fast_path():
             assert not _backend.eager_fast_path(x)
         assert _backend.eager_fast_path(x.requires_grad_())  # no_grad: no graph, still fast
     assert not _backend.eager_fast_path(x)  # grad on and x requires grad
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_default_device_keeps_the_fast_path(op, monkeypatch):
+    """torch.set_default_device / `with torch.device(...)` (a torch-function mode that only
+    fills in factory calls' device) keeps the fast path, with the same numbers; another
+    mode stacked on it does not."""
+    from torch.overrides import TorchFunctionMode
+
+    class Other(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    a = _inputs(op)
+    with torch.no_grad():
+        ref = _call(op, a)
+    bodies = []
+    real = _backend.eager_mode
+    monkeypatch.setattr(_backend, "eager_mode", lambda *t: bodies.append(real(*t)) or bodies[-1])
+    with torch.no_grad(), torch.device("cpu"):
+        assert _backend.eager_fast_path(a[next(iter(a))])
+        out = _call(op, a)
+        with Other():
+            assert not _backend.eager_fast_path(a[next(iter(a))])
+    _same(out, ref)
+    assert "body" in bodies
 
 
 def test_function_mode_sees_the_op_as_one_call():

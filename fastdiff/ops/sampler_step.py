@@ -244,9 +244,14 @@ def _sampler_step_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _validate(x, model_output, coefs, index, prev, prev2, noise, seed,
               guidance_scale, clip_min, clip_max)
-    out, x0_out = _sampler_step(x, model_output, coefs, index, prev, prev2, noise, seed,
-                                guidance_scale, clip_min, clip_max, return_x0)
-    return out, (x0_out if return_x0 else x.new_empty(0))
+    return _sampler_step_outputs(x, model_output, coefs, index, prev, prev2, noise, seed,
+                                 guidance_scale, clip_min, clip_max, return_x0)
+
+
+def _sampler_step_outputs(*args):
+    """The registered op's outputs on validated inputs: (out, x0 or a 0-element tensor)."""
+    out, x0_out = _sampler_step(*args)
+    return out, (x0_out if x0_out is not None else args[0].new_empty(0))
 
 
 @_sampler_step_op.register_fake
@@ -277,6 +282,9 @@ def _backward(ctx, grad_out, grad_x0):
 
 
 _sampler_step_op.register_autograd(_backward, setup_context=_setup_context)
+# eager calls: the body directly, or a lean autograd.Function, else the dispatcher
+_EAGER = _backend.EagerOp("sampler_step", _sampler_step_outputs, _setup_context, _backward,
+                          differentiable=2)
 
 
 # --------------------------------------------------------------------------
@@ -344,9 +352,6 @@ def sampler_step(
     clip_max = optional_float("clip_range[1]", clip_max)
     args = (x, model_output, coefs, index, prev, prev2, noise, seed,
             guidance_scale, clip_min, clip_max, return_x0)
-    if _backend.eager_fast_path(x, model_output, coefs, index, prev, prev2, noise, seed):
-        _validate(*args[:-1])
-        out, x0 = _sampler_step(*args)
-    else:
-        out, x0 = torch.ops.fastdiff.sampler_step(*args)
+    _validate(*args[:-1])
+    out, x0 = _EAGER((x, model_output, coefs, index, prev, prev2, noise, seed), *args)
     return (out, x0) if return_x0 else out
