@@ -5,7 +5,8 @@ almost all Python: the op layer (validation, layout, backend choice) and, on
 the dispatcher path, torch.ops + the custom-op autograd wrapper.  Each row is
 the median over many blocks of back-to-back calls (time.perf_counter, after a
 warm-up), in microseconds per call, next to the raw kernel call with
-preallocated outputs where one exists and a trivial eager op for scale.
+preallocated outputs where one exists and the same computation written in eager
+PyTorch ops (what a user of plain PyTorch pays per call).
 
     python benchmarks/overhead.py            # table
     python benchmarks/overhead.py --profile  # plus a cProfile of a few rows
@@ -30,10 +31,12 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import fastdiff
 from fastdiff import _backend
 from fastdiff.ops import steps
+from fastdiff.reference import sampler_step as ref
 
 _C = _backend.extension()
 
@@ -75,8 +78,34 @@ def _raw_cuda(name: str, args: dict):
     return lambda: group_norm_silu_fwd_triton(*args.values())
 
 
+def _eager_sampler_step(x, m, coefs, index):
+    """The update the row encodes, as diffusers writes it: gathers + a few pointwise ops."""
+    c = coefs[index].view(x.shape[0], -1, *([1] * (x.dim() - 1)))
+    x0 = c[:, ref.A_X] * x + c[:, ref.A_M] * m
+    return c[:, ref.C_X] * x + c[:, ref.C_M] * m + c[:, ref.C_0] * x0
+
+
+def _eager_ddim(m, t, x, ac, t_prev):
+    """diffusers DDIMScheduler.step (η = 0) in torch ops."""
+    a = ac[t].float().view(-1, 1, 1, 1)
+    a_prev = ac[t_prev].float().view(-1, 1, 1, 1)
+    x0 = (x - (1 - a).sqrt() * m) / a.sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * m
+
+
+def _eager_rms(x, w):
+    """denoising-diffusion-pytorch 2.x Block: F.normalize(x, dim=1) * g * sqrt(C), then SiLU."""
+    return F.silu(F.normalize(x, dim=1) * w.view(1, -1, 1, 1) * x.shape[1] ** 0.5)
+
+
+def _eager_linear_attention(q, k, v):
+    """softmax(q over d) . (softmax(k over n) vᵀ), the U-Net's linear attention in torch ops."""
+    q, k = q.softmax(dim=-2), k.softmax(dim=-1)
+    return torch.einsum("bhde,bhdn->bhen", torch.einsum("bhdn,bhen->bhde", k, v), q)
+
+
 def cases(device: str = "cpu"):
-    """(name, mode, public fn, raw kernel fn or None)."""
+    """(name, mode, public fn, raw kernel fn or None, eager-PyTorch equivalent or None)."""
     g = torch.Generator().manual_seed(0)
     cuda = device == "cuda"
 
@@ -94,11 +123,13 @@ def cases(device: str = "cpu"):
         noise=None, seed=None, guidance_scale=None, clip_min=None, clip_max=None)) if cuda else
         lambda: _C.sampler_step(x, m, coefs, index, None, None, None, None,
                                 None, None, None, out, None))
-    yield ("sampler_step", "no_grad", lambda: fastdiff.ops.sampler_step(x, m, coefs, index), raw)
+    yield ("sampler_step", "no_grad", lambda: fastdiff.ops.sampler_step(x, m, coefs, index), raw,
+           lambda: _eager_sampler_step(x, m, coefs, index))
     ac = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64, device=device)
     t = torch.tensor([500, 500], device=device)
     t_prev = torch.tensor([480, 480], device=device)
-    yield ("ddim_step", "no_grad", lambda: steps.ddim_step(m, t, x, ac, prev_timestep=t_prev), None)
+    yield ("ddim_step", "no_grad", lambda: steps.ddim_step(m, t, x, ac, prev_timestep=t_prev), None,
+           lambda: _eager_ddim(m, t, x, ac, t_prev))
 
     # group_norm_silu
     xg, w, b, emb = r(2, 32, 8, 8), r(32), r(32), r(2, 32)
@@ -108,61 +139,69 @@ def cases(device: str = "cpu"):
         x=xg, weight=w, bias=b, emb=emb, scale=None, shift=None, num_groups=8, eps=1e-5,
         act="silu", y=y, mean=mean, rstd=rstd)) if cuda else
         lambda: _C.group_norm_silu_fwd(xg, w, b, emb, None, None, 8, 1e-5, "silu", y, mean, rstd))
-    yield ("group_norm_silu", "no_grad", lambda: fastdiff.ops.group_norm_silu(xg, 8, w, b, emb=emb), raw)
+    yield ("group_norm_silu", "no_grad", lambda: fastdiff.ops.group_norm_silu(xg, 8, w, b, emb=emb), raw,
+           lambda: F.silu(F.group_norm(xg + emb[:, :, None, None], 8, w, b)))
     xgg, wg, bg, embg = r(2, 32, 8, 8, grad=True), r(32, grad=True), r(32, grad=True), r(2, 32, grad=True)
     yield ("group_norm_silu", "fwd+bwd",
-           lambda: fastdiff.ops.group_norm_silu(xgg, 8, wg, bg, emb=embg).sum().backward(), None)
+           lambda: fastdiff.ops.group_norm_silu(xgg, 8, wg, bg, emb=embg).sum().backward(), None,
+           lambda: F.silu(F.group_norm(xgg + embg[:, :, None, None], 8, wg, bg)).sum().backward())
 
     # rms_norm_silu
     yr = torch.empty(2, 8, 8, device=device)
     yield ("rms_norm_silu", "no_grad", lambda: fastdiff.ops.rms_norm_silu(xg, w),
-           None if cuda else lambda: _C.rms_norm_silu_fwd(xg, w, None, None, 1e-12, "silu", y, yr))
+           None if cuda else lambda: _C.rms_norm_silu_fwd(xg, w, None, None, 1e-12, "silu", y, yr),
+           lambda: _eager_rms(xg, w))
     yield ("rms_norm_silu", "fwd+bwd",
-           lambda: fastdiff.ops.rms_norm_silu(xgg, wg).sum().backward(), None)
+           lambda: fastdiff.ops.rms_norm_silu(xgg, wg).sum().backward(), None,
+           lambda: _eager_rms(xgg, wg).sum().backward())
 
     # attention (SDPA's CPU flash kernel is the "raw" call)
     q, k, v = r(1, 2, 16, 32), r(1, 2, 16, 32), r(1, 2, 16, 32)
     yield ("attention", "no_grad", lambda: fastdiff.ops.attention(q, k, v),
            None if cuda else
-           lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False))
+           lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False),
+           lambda: F.scaled_dot_product_attention(q, k, v))
     qg, kg, vg = (r(1, 2, 16, 32, grad=True) for _ in range(3))
     yield ("attention", "fwd+bwd",
-           lambda: fastdiff.ops.attention(qg, kg, vg).sum().backward(), None)
+           lambda: fastdiff.ops.attention(qg, kg, vg).sum().backward(), None,
+           lambda: F.scaled_dot_product_attention(qg, kg, vg).sum().backward())
 
     # linear_attention (no C++ kernel: the reference is the CPU path)
     lq, lk, lv = r(1, 2, 16, 16), r(1, 2, 16, 16), r(1, 2, 16, 16)
-    yield ("linear_attention", "no_grad", lambda: fastdiff.ops.linear_attention(lq, lk, lv), None)
+    yield ("linear_attention", "no_grad", lambda: fastdiff.ops.linear_attention(lq, lk, lv), None,
+           lambda: _eager_linear_attention(lq, lk, lv))
     lqg, lkg, lvg = (r(1, 2, 16, 16, grad=True) for _ in range(3))
     yield ("linear_attention", "fwd+bwd",
-           lambda: fastdiff.ops.linear_attention(lqg, lkg, lvg).sum().backward(), None)
-
-    # scale: a trivial eager op
-    yield ("x.add(m) (eager)", "no_grad", lambda: x.add(m), None)
+           lambda: fastdiff.ops.linear_attention(lqg, lkg, lvg).sum().backward(), None,
+           lambda: _eager_linear_attention(lqg, lkg, lvg).sum().backward())
 
 
 def run(profile: bool, device: str = "cpu") -> None:
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}; µs per call (median)")
-    header = f"{'op':<20} {'mode':<8} {'public':>9} {'dispatcher':>11} {'raw kernel':>11}"
+    header = (f"{'op':<20} {'mode':<8} {'public':>9} {'dispatcher':>11} {'raw kernel':>11} "
+              f"{'eager torch':>12}")
     print(header)
     print("-" * len(header))
     rows = []
-    for name, mode, fn, raw in cases(device):
+    for name, mode, fn, raw, eager in cases(device):
         ctx = torch.no_grad() if mode == "no_grad" else contextlib.nullcontext()
         with ctx:
             pub = per_call_us(fn)
             with _dispatcher():
                 disp = per_call_us(fn)
             raw_us = per_call_us(raw) if raw is not None else None
+            eager_us = per_call_us(eager) if eager is not None else None
         rows.append((name, mode, fn))
         raw_s = f"{raw_us:11.1f}" if raw_us is not None else f"{'-':>11}"
-        print(f"{name:<20} {mode:<8} {pub:9.1f} {disp:11.1f} {raw_s}", flush=True)
+        eager_s = f"{eager_us:12.1f}" if eager_us is not None else f"{'-':>12}"
+        print(f"{name:<20} {mode:<8} {pub:9.1f} {disp:11.1f} {raw_s} {eager_s}", flush=True)
     if profile:
         import cProfile
         import pstats
 
         for name, mode, fn in rows:
-            if mode != "no_grad" or "eager" in name:
+            if mode != "no_grad":
                 continue
             print(f"\n=== cProfile: {name} ({mode}), 2000 calls ===")
             with torch.no_grad():

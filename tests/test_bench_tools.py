@@ -34,9 +34,10 @@ def test_overhead_cases_run():
     finally:
         sys.path.remove(str(BENCH))
     names = set()
-    for name, mode, fn, raw in overhead.cases("cpu"):
+    for name, mode, fn, raw, eager in overhead.cases("cpu"):
         fn()
-        if raw is not None:
-            raw()
+        for other in (raw, eager):
+            if other is not None:
+                other()
         names.add((name, mode))
     assert ("group_norm_silu", "fwd+bwd") in names and ("sampler_step", "no_grad") in names
