@@ -12,13 +12,15 @@ dim_mults 1-2-4-8, GroupNorm blocks), 3x32x32 images:
                           scheduler / sampler (fused steps);
 * ``compile``          -- ``torch.compile`` of the eager model + the eager update;
 * ``fastdiff+compile`` -- ``torch.compile`` of ``fastdiff.nn.UNet`` + fastdiff's sampler;
+* ``optimize+compile`` -- ``torch.compile`` of the optimized model + fastdiff's sampler
+                          (both, as a user who adopts fastdiff.optimize and compiles would);
 * ``fastdiff+graph``   -- (CUDA, sampling) the ``fastdiff`` run recorded once into a CUDA
                           graph by :func:`fastdiff.sampling.capture` and replayed: no host
                           work per step.
 
 Rows ``unet64v2-*``: the same U-Net with denoising-diffusion-pytorch 2.x's own blocks
 (RMSNorm over channels in every ``Block``): ``eager``, ``optimize`` (fused RMSNorm +
-scale-shift + SiLU, attention) and ``compile``.
+scale-shift + SiLU, attention), ``compile`` and ``optimize+compile``.
 
 Kinds: ``ddim`` (100 DDIM steps on GPU), ``heun`` (18 EDM/Karras Heun steps, 35 model
 calls, on GPU), ``train`` (one forward + backward of the DDPM loss).  On CPU the
@@ -61,8 +63,8 @@ def _ddpm():
 
 
 CONFIG = dict(dim=64, dim_mults=(1, 2, 4, 8))
-IMPLS = ("eager", "optimize", "fastdiff", "compile", "fastdiff+compile")
-IMPLS_V2 = ("eager", "optimize", "compile")
+IMPLS = ("eager", "optimize", "fastdiff", "compile", "fastdiff+compile", "optimize+compile")
+IMPLS_V2 = ("eager", "optimize", "compile", "optimize+compile")
 KINDS = ("ddim", "heun", "train")
 CHECK_STEPS = 3  # sampler steps of the agreement check before timing
 
@@ -107,6 +109,8 @@ def _model_for(impl, device, arch="v1"):
         key = (device, arch, "eager")
     elif impl == "fastdiff+compile":
         key = (device, arch, "fastdiff")
+    elif impl == "optimize+compile":
+        key = (device, arch, "optimize")
     else:
         return models[impl]
     if key not in _COMPILED:
@@ -115,7 +119,7 @@ def _model_for(impl, device, arch="v1"):
 
 
 def _fused_sampler(impl):
-    return impl in ("optimize", "fastdiff", "fastdiff+compile", "fastdiff+graph")
+    return impl in ("optimize", "fastdiff", "fastdiff+compile", "optimize+compile", "fastdiff+graph")
 
 
 @torch.no_grad()
