@@ -10,8 +10,8 @@ import torch
 
 from ..ops import euler_coefs
 from ..reference.sampler_step import A_M, A_X
-from .base import CoefTable, Generator, SchedulerBase, SchedulerOutput, check_choice, register_to_config
-from .euler import FINAL_SIGMAS_TYPES, SigmaSchedulerMixin, churn_gammas, with_churn
+from .base import Generator, SchedulerBase, SchedulerOutput, check_choice, register_to_config
+from .euler import FINAL_SIGMAS_TYPES, SigmaSchedulerMixin, churn_table
 
 
 class EDMEulerScheduler(SigmaSchedulerMixin, SchedulerBase):
@@ -139,15 +139,14 @@ class EDMEulerScheduler(SigmaSchedulerMixin, SchedulerBase):
         """(table, noisy steps) for the churn arguments; row i steps σ_i -> σ_{i+1}."""
         key = (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise), x0_given)
         if key not in self._tables:
-            sigma = self.sigmas[:-1].double()
-            gammas = churn_gammas(self.sigmas, s_churn, s_tmin, s_tmax)
-            sigma_hat = (self.sigmas[:-1] * (torch.tensor(gammas) + 1)).double()
-            # "sample" rows read D from the model-output slot (x0_given); else D = c_skip x + c_out F
-            rows = euler_coefs(sigma_hat, self.sigmas[1:].double(), prediction_type="sample")
-            if not x0_given:
-                rows[:, A_X], rows[:, A_M] = self._c_skip_out(sigma_hat)
-            rows = with_churn(rows, sigma, sigma_hat, s_noise)
-            self._tables[key] = (CoefTable(rows), [g > 0 for g in gammas])
+            def rows_at(sigma, sigma_hat, sigma_next):
+                # "sample" rows read D from the model-output slot (x0_given); else D = c_skip x + c_out F
+                rows = euler_coefs(sigma_hat, sigma_next, prediction_type="sample")
+                if not x0_given:
+                    rows[:, A_X], rows[:, A_M] = self._c_skip_out(sigma_hat)
+                return rows
+
+            self._tables[key] = churn_table(self.sigmas, s_churn, s_tmin, s_tmax, s_noise, rows_at)
         return self._tables[key]
 
     def step(

@@ -47,6 +47,18 @@ def with_churn(rows: torch.Tensor, sigma: torch.Tensor, sigma_hat: torch.Tensor,
     return rows
 
 
+def churn_table(sigmas: torch.Tensor, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float,
+                rows_at) -> tuple[CoefTable, list[bool]]:
+    """(table, noisy steps) of an Euler-type step with EDM churn: ``rows_at(σ, σ̂, σ_next)``
+    (float64 (T,) each) gives the rows of the step from σ̂ to σ_next before the churn;
+    row i of the table steps σ_i -> σ_{i+1} with the churn noise folded in."""
+    sigma = sigmas[:-1].double()
+    gammas = churn_gammas(sigmas, s_churn, s_tmin, s_tmax)
+    sigma_hat = (sigmas[:-1] * (torch.tensor(gammas) + 1)).double()
+    rows = rows_at(sigma, sigma_hat, sigmas[1:].double())
+    return CoefTable(with_churn(rows, sigma, sigma_hat, s_noise)), [g > 0 for g in gammas]
+
+
 class SigmaSchedulerMixin:
     """σ-space schedulers (Euler, Heun, EDM Euler): the model takes x / sqrt(σ²+1),
     the step index advances per step (diffusers' ``_step_index``), and tables
@@ -260,17 +272,16 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, SchedulerBase):
         """(table, noisy steps) for the churn arguments; row i steps σ_i -> σ_{i+1}."""
         key = (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
         if key not in self._tables:
-            sigma = self.sigmas[:-1].double()
-            sigma_next = self.sigmas[1:].double()
-            gammas = churn_gammas(self.sigmas, s_churn, s_tmin, s_tmax)
-            sigma_hat = (self.sigmas[:-1] * (torch.tensor(gammas) + 1)).double()
             pred = self.config.prediction_type
-            rows = euler_coefs(sigma_hat, sigma_next, prediction_type=pred)
-            if pred == "v_prediction":  # diffusers forms x0 at σ, the step at σ̂
-                x0_cols = sigma_x0_coefs(sigma, pred)
-                rows[:, A_X], rows[:, A_M] = x0_cols["A_X"], x0_cols["A_M"]
-            rows = with_churn(rows, sigma, sigma_hat, s_noise)
-            self._tables[key] = (CoefTable(rows), [g > 0 for g in gammas])
+
+            def rows_at(sigma, sigma_hat, sigma_next):
+                rows = euler_coefs(sigma_hat, sigma_next, prediction_type=pred)
+                if pred == "v_prediction":  # diffusers forms x0 at σ, the step at σ̂
+                    x0_cols = sigma_x0_coefs(sigma, pred)
+                    rows[:, A_X], rows[:, A_M] = x0_cols["A_X"], x0_cols["A_M"]
+                return rows
+
+            self._tables[key] = churn_table(self.sigmas, s_churn, s_tmin, s_tmax, s_noise, rows_at)
         return self._tables[key]
 
     def step(
