@@ -19,6 +19,10 @@ fi
 # Optional pieces: Triton (its interpreter runs the Triton kernels' tests on CPU),
 # test and benchmark tools, diffusers for the parity tests, cmake for the C++ build check,
 # scikit-learn for the digits data of `python -m fastdiff train`.
-"$PY" -m pip install -q triton pytest pytest-benchmark scipy diffusers cmake scikit-learn
+"$PY" -m pip install -q triton pytest pytest-benchmark scipy diffusers cmake scikit-learn einops
+# denoising-diffusion-pytorch's own U-Net for tests/test_ddpm_package.py, without its
+# dependencies: they include torchvision (whose resolution would replace the CPU torch);
+# the test loads only the U-Net's module and stubs the Trainer-only imports.
+"$PY" -m pip install -q --no-deps denoising-diffusion-pytorch==2.3.4 ema-pytorch
 "$PY" -m pip install -q --no-build-isolation -e .
 "$PY" -c "import fastdiff; print('fastdiff', fastdiff.__version__, 'backends:', fastdiff.backends())"

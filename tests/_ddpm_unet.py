@@ -12,6 +12,8 @@ with ``nn.GroupNorm`` (2.x uses an RMSNorm over channels).
 
 The test loads this file as the module ``denoising_diffusion_pytorch.denoising_diffusion_pytorch``
 so the classes carry the package's module name, as fastdiff.optimize matches them.
+tests/test_ddpm_package.py checks it against the installed package (same state_dict
+keys, same outputs).
 """
 
 import math

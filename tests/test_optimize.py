@@ -5,9 +5,11 @@ For each model: outputs and parameter gradients match the unpatched copy (fp32,
 the same keys, an optimizer built before ``optimize`` steps the live
 parameters, ``torch.compile(fullgraph=True)`` traces without a graph break, the
 report lists what changed, and ``revert`` brings back the same module objects,
-forwards and processors (bitwise-identical outputs).  denoising-diffusion-pytorch
-cannot be imported here (torchvision), so its U-Net is transcribed in
-``_ddpm_unet.py`` and loaded under the package's module name.
+forwards and processors (bitwise-identical outputs).  The denoising-diffusion-pytorch
+U-Net here is the transcription in ``_ddpm_unet.py`` loaded under the package's module
+name (it adds the 1.x GroupNorm blocks, which the installed 2.x package lacks);
+tests/test_ddpm_package.py runs the same round trip on the package's own module and
+checks the transcription against it.
 """
 
 import copy
