@@ -485,3 +485,59 @@ def test_step_does_not_synchronize(name):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(x).all()
+
+
+# --------------------------------------------------------------------------
+# Device timesteps read on the host (no index tensor, no range check, no sync)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
+def test_elements_of_device_timesteps_are_read_on_the_host(name):
+    """``for t in scheduler.timesteps`` on a device: each t (a view) maps to its host
+    value through its storage offset; anything else -- a slice of several timesteps,
+    another dtype, timesteps modified in place or replaced -- is not read."""
+    sched = getattr(fs, name)()
+    sched.set_timesteps(10)
+    ts = sched.timesteps.numpy().copy()
+    sched._set_timesteps_tensor(ts, "meta")  # a device tensor whose values cannot be read
+    t = sched.timesteps
+    assert [sched._host_timestep(v) for v in t] == ts.tolist()
+    assert sched._host_timestep(t[3].reshape(-1).expand(4)) == ts[3]  # a batch of one timestep
+    assert sched._host_timestep(t[3:4]) == ts[3]
+    assert sched._host_timestep(t[2:5]) is None
+    assert sched._host_timestep(t[3].to(torch.int32)) is None
+    assert sched._host_timestep(torch.tensor(int(ts[3]))) is None  # CPU: read as usual
+    t[0] = 5  # in place: the host copy may be stale
+    assert sched._host_timestep(t[3]) is None
+    sched._set_timesteps_tensor(ts, "meta")
+    old = sched.timesteps
+    sched.timesteps = old.clone()
+    assert sched._host_timestep(old[3]) is None
+    with torch.inference_mode():
+        sched._set_timesteps_tensor(ts, "meta")
+    assert sched._host_timestep(sched.timesteps[3]) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
+def test_device_timestep_steps_take_the_host_row(name, monkeypatch):
+    """A step with t from scheduler.timesteps on CUDA reads a host row: no index tensor,
+    so no device-side range check (and, for DDPM, no sync to decide on noise); the
+    result equals the step with t as a Python int."""
+    import importlib
+
+    op = importlib.import_module("fastdiff.ops.sampler_step")  # the module (the package exports the op)
+    sched = getattr(fs, name)()
+    sched.set_timesteps(10, device="cuda")
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    eps = torch.randn_like(x)
+    calls = []
+    real = op._check_index_values
+    monkeypatch.setattr(op, "_check_index_values", lambda index, rows: calls.append(index) or real(index, rows))
+    t = sched.timesteps[4]
+    got = sched.step(eps, t, x, generator=torch.Generator("cuda").manual_seed(0)).prev_sample
+    assert all(i is None for i in calls)
+    expected = sched.step(eps, int(t), x, generator=torch.Generator("cuda").manual_seed(0)).prev_sample
+    assert torch.equal(got, expected)
+    assert sched._host_timestep(torch.tensor(int(t), device="cuda")) is None  # equal value, other memory

@@ -84,7 +84,7 @@ class DDIMScheduler(TimestepTableMixin, SchedulerBase):
         self.num_inference_steps = num_inference_steps
         ts = spaced_timesteps(type(self).__name__, self.config.timestep_spacing, T,
                               num_inference_steps, self.config.steps_offset, np.int64)
-        self.timesteps = torch.from_numpy(ts).to(device)
+        self._set_timesteps_tensor(ts, device)
         self._tables = {}
         if device is not None:
             self._tables_for(0.0, False)[0].on(torch.device(device), torch.float32)

@@ -33,11 +33,15 @@ class TimestepTableMixin:
     op's index without any host sync."""
 
     def _row_for(self, timestep, sample: torch.Tensor):
-        """Row ``t`` of a timestep table: a host int (Python numbers and CPU
-        scalars, read without a device sync), else a (B,) index on the sample's device."""
+        """Row ``t`` of a timestep table: a host int (Python numbers, CPU scalars and
+        elements of ``self.timesteps`` -- ``for t in scheduler.timesteps`` -- read without
+        a device sync), else a (B,) index on the sample's device."""
         T = self.config.num_train_timesteps
         if isinstance(timestep, torch.Tensor):
-            if timestep.numel() == 1 and timestep.device.type == "cpu":
+            host = self._host_timestep(timestep)
+            if host is not None:
+                timestep = host
+            elif timestep.numel() == 1 and timestep.device.type == "cpu":
                 timestep = int(timestep)
             else:
                 return per_sample_index(timestep, sample.shape[0], sample.device)
@@ -45,6 +49,31 @@ class TimestepTableMixin:
         if not 0 <= t < T:
             raise ValueError(f"{type(self).__name__}.step: timestep must be in [0, {T}), got {timestep}")
         return t
+
+    def _set_timesteps_tensor(self, ts: np.ndarray, device) -> None:
+        """``self.timesteps`` on ``device``, with a host copy of its values."""
+        self.timesteps = torch.from_numpy(ts).to(device)
+        # an inference-mode tensor has no version counter: no host reads then
+        self._timesteps_seen = (None if self.timesteps.is_inference() else
+                                (self.timesteps, self.timesteps._version, ts.tolist()))
+
+    def _host_timestep(self, t: torch.Tensor) -> Optional[int]:
+        """The value of ``t`` without reading the device, when ``t`` is one element of
+        ``self.timesteps`` (a view: ``scheduler.timesteps[i]``, or it expanded over a
+        batch) and ``self.timesteps`` was not modified in place since it was built; else
+        None.  The element is found from the view's storage offset."""
+        seen = getattr(self, "_timesteps_seen", None)
+        if seen is None or t.device.type == "cpu":
+            return None
+        ts, version, values = seen
+        if (ts is not self.timesteps or ts._version != version or t.dtype != ts.dtype
+                or any(st != 0 for st, n in zip(t.stride(), t.shape) if n != 1)
+                or t.untyped_storage().data_ptr() != ts.untyped_storage().data_ptr()):
+            return None
+        pos, rem = divmod(t.storage_offset() - ts.storage_offset(), ts.stride(0))
+        if rem or not 0 <= pos < len(values):
+            return None
+        return values[pos]
 
     @staticmethod
     def _any_positive(row) -> bool:
@@ -174,7 +203,7 @@ class DDPMScheduler(TimestepTableMixin, SchedulerBase):
     def _set_schedule(self, ts: np.ndarray, device, chain: bool) -> None:
         """Build the per-timestep table: row t steps from t to its successor in
         ``ts`` (``chain``) or to t - 1 (before set_timesteps, as diffusers)."""
-        self.timesteps = torch.from_numpy(ts).to(device)
+        self._set_timesteps_tensor(ts, device)
         T = self.config.num_train_timesteps
         prev = torch.arange(T, dtype=torch.int64) - 1
         if chain:
