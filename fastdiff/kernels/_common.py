@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import struct
 from typing import Optional
 
@@ -48,9 +49,18 @@ def scalar_arg(v: Optional[float], fp64: bool):
     return float(v)
 
 
+@functools.lru_cache(maxsize=None)
+def _one_visible_gpu() -> bool:
+    return torch.cuda.device_count() <= 1
+
+
 def device_guard(t: torch.Tensor):
-    """Launch on t's GPU (a no-op context for CPU tensors under the interpreter)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on t's GPU: a no-op context for CPU tensors under the interpreter and
+    when only one GPU is visible (the current device then is t's; entering a
+    ``torch.cuda.device`` costs microseconds per launch)."""
+    if not t.is_cuda or _one_visible_gpu():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def _is_channels_last(op: str, t: torch.Tensor) -> bool:
