@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops import steps
 from .reference.sampler_step import C_M, C_N, C_X, NUM_COEFS
 from .schedules import karras_sigmas
 
@@ -243,11 +244,11 @@ def _coef_row(x: torch.Tensor, **cols: float) -> torch.Tensor:
     """One coefficient row (1, 9) on x's device in x's arithmetic dtype, built
     with fills only (no host-to-device copy, so it can be captured)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    row = torch.zeros(1, NUM_COEFS, dtype=dtype, device=x.device)
     index = {"C_X": C_X, "C_M": C_M, "C_N": C_N}
+    values = [0.0] * NUM_COEFS
     for name, value in cols.items():
-        row[0, index[name]] = value
-    return row
+        values[index[name]] = value
+    return steps.filled_row(values, dtype, x.device)
 
 
 class _Sigmas:

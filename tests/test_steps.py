@@ -296,6 +296,87 @@ def test_sigma_prediction_types_convert_to_denoised(backend, prediction_type):
     assert_close(got, ops.euler_step(d, x, s, sn), rtol=1e-10, atol=1e-10)
 
 
+# σ as Python numbers: one row built on the host (the *_coefs formulas on float64 CPU
+# tensors), kept per step; σ as per-sample tensors: the rows built on the device.
+_NUMBER_STEPS = {
+    "euler": lambda m, x, d, s, sn, **k: ops.euler_step(m, x, s, sn, **k),
+    "euler_clip": lambda m, x, d, s, sn, **k: ops.euler_step(m, x, s, sn, clip_range=(-1.0, 1.0), **k),
+    "euler_ancestral": lambda m, x, d, s, sn, **k: ops.euler_ancestral_step(m, x, s, sn, eta=0.7, noise=d, **k),
+    "heun": lambda m, x, d, s, sn, **k: ops.heun_step(m, x, x * 0.9, d, s, sn, **k),
+    "dpmpp_2m": lambda m, x, d, s, sn, **k: ops.dpmpp_2m_step(m, x, s, sn, sigma_prev=s * 1.3,
+                                                             denoised_prev=d, **k)[0],
+    "churn": lambda m, x, d, s, sn, **k: ops.churn(x, sn, s, noise=d),
+}
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
+@pytest.mark.parametrize("kind", sorted(_NUMBER_STEPS))
+def test_sigma_numbers_and_tensors_give_the_same_step(backend, dtype, prediction_type, kind):
+    g = torch.Generator().manual_seed(3)
+    x, m, d = (torch.randn(3, 2, 5, 4, generator=g, dtype=dtype) for _ in range(3))
+    s, sn = 2.5, 1.75
+    kw = {} if kind == "churn" else {"prediction_type": prediction_type}
+    step = _NUMBER_STEPS[kind]
+    with use_backend(backend):
+        by_number = step(m, x, d, s, sn, **kw)
+        again = step(m, x, d, s, sn, **kw)  # the kept row
+        by_tensor = step(m, x, d, torch.full((3,), s, dtype=torch.float64),
+                         torch.full((3,), sn, dtype=torch.float64), **kw)
+    assert torch.equal(by_number, again)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    assert_close(by_number, by_tensor, **tol)
+
+
+def test_sigma_number_rows_are_kept_and_bounded(monkeypatch):
+    from fastdiff.ops import steps
+
+    monkeypatch.setattr(steps, "_ROW_CACHE", type(steps._ROW_CACHE)())
+    monkeypatch.setattr(steps, "_ROW_CACHE_SIZE", 4)
+    seen = []
+    real = steps.sampler_step
+    monkeypatch.setattr(steps, "sampler_step", lambda x, m, coefs, *a, **k: seen.append(coefs) or real(x, m, coefs, *a, **k))
+    x = torch.randn(2, 3, 4, 4)
+    ops.euler_step(x, x, 2.0, 1.0)
+    ops.euler_step(x, x, 2.0, 1.0)
+    assert seen[0] is seen[1] and seen[0].shape == (1, ops.NUM_COEFS) and seen[0].dtype == torch.float32
+    ops.euler_step(x.double(), x.double(), 2.0, 1.0)  # another opmath dtype: another row
+    assert seen[2].dtype == torch.float64 and len(steps._ROW_CACHE) == 2
+    for i in range(10):
+        ops.heun_step(x, x, x, x, 3.0 + i, 1.0)
+    assert len(steps._ROW_CACHE) == 4
+    ops.euler_step(x, x, 2.0, 1.0)  # dropped as least recently used: built again
+    assert seen[-1] is not seen[0] and torch.equal(seen[-1], seen[0])
+
+
+def test_sigma_number_steps_compile_without_graph_breaks():
+    """Under torch.compile the rows are traced as device ops (fullgraph)."""
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+    sigmas = [14.6, 6.1, 2.3, 0.7, 0.0]
+
+    def loop(x):
+        for s, sn in zip(sigmas, sigmas[1:]):
+            d = net(x)
+            x_2, d = ops.euler_step(d, x, s, sn, return_x0=True)
+            x = x_2 if sn == 0 else ops.heun_step(net(x_2), x_2, x, d, s, sn)
+        return x
+
+    x = torch.randn(2, 3, 8, 8) * sigmas[0]
+    with torch.no_grad():
+        eager = loop(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(loop, fullgraph=True, backend="aot_eager")(x)
+    assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_filled_row():
+    from fastdiff.ops.steps import filled_row
+
+    row = filled_row([0.0, 1.5, 0.0, -2.0, 0, 0, 0, 0, 3.0], torch.float32, torch.device("cpu"))
+    assert row.shape == (1, 9) and row.tolist() == [[0.0, 1.5, 0.0, -2.0, 0.0, 0.0, 0.0, 0.0, 3.0]]
+
+
 def test_step_argument_errors():
     ab = schedules.alphas_cumprod(schedules.betas("linear", 10))
     x = torch.zeros(2, 3)

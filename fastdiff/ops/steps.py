@@ -15,6 +15,7 @@ samplers (σ space, ``model_output`` = the denoised image for
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Union
 
 import torch
@@ -365,6 +366,67 @@ def _sigmas(sample: torch.Tensor, **named: Scalar) -> list[torch.Tensor]:
     return [_per_sample(k, v, sample.shape[0], sample.device) for k, v in named.items()]
 
 
+# --------------------------------------------------------------------------
+# One row for σ given as Python numbers (k-diffusion's samplers: fastdiff.sampling)
+# --------------------------------------------------------------------------
+
+# (step key, device, opmath dtype) -> (1, 9) row on the device; least recently used
+# dropped past _ROW_CACHE_SIZE.  A schedule sampled again costs one lookup per step.
+_ROW_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_ROW_CACHE_SIZE = 4096
+
+
+def _host_numbers(*values) -> bool:
+    """All plain Python numbers, and not under torch.compile (which traces the rows as
+    device ops: the host rows' bookkeeping would break the graph)."""
+    return (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            and not torch.compiler.is_compiling())
+
+
+def _host(*values: float) -> list[torch.Tensor]:
+    """σ values as (1,) float64 CPU tensors: the ``*_coefs`` formulas then run on the
+    host (microseconds, no device launch) and give a (1, 9) row."""
+    return [torch.tensor([float(v)], dtype=torch.float64) for v in values]
+
+
+def filled_row(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (1, 9) row with these values on ``device``, written with fills: no
+    host-to-device copy (which would synchronize, and which a CUDA graph would
+    replay from a stale host buffer)."""
+    row = torch.zeros(1, NUM_COEFS, dtype=dtype, device=device)
+    for i, v in enumerate(values):
+        if v != 0:
+            row[0, i] = v
+    return row
+
+
+def _row_for_numbers(sample: torch.Tensor, key: tuple, build) -> torch.Tensor:
+    """The coefficient row of a step whose σ are Python numbers: ``build()`` gives it
+    as a (1, 9) float64 CPU tensor; the result is in the sample's opmath dtype on its
+    device (what sampler_step reads without a conversion), kept for the next time the
+    same step comes (not while a CUDA graph is being captured)."""
+    acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    full_key = (key, sample.device, acc)
+    row = _ROW_CACHE.get(full_key)
+    if row is not None:
+        try:
+            _ROW_CACHE.move_to_end(full_key)
+        except KeyError:  # dropped meanwhile by another thread
+            pass
+        return row
+    host = build()
+    if sample.device.type == "cpu":
+        row = host.to(acc)
+    else:
+        row = filled_row(host[0].tolist(), acc, sample.device)
+        if sample.is_cuda and torch.cuda.is_current_stream_capturing():
+            return row  # graph-pool memory: not kept past the capture
+    _ROW_CACHE[full_key] = row
+    if len(_ROW_CACHE) > _ROW_CACHE_SIZE:
+        _ROW_CACHE.popitem(last=False)
+    return row
+
+
 def euler_step(
     model_output: torch.Tensor,
     sample: torch.Tensor,
@@ -382,8 +444,15 @@ def euler_step(
     churned sample; see :func:`churn`).  σ values are floats or per-sample
     tensors.
     """
-    s, sn = _sigmas(sample, sigma=sigma, sigma_next=sigma_next)
-    coefs = euler_coefs(s, sn, prediction_type=prediction_type, clip=clip_range is not None)
+    clip = clip_range is not None
+    if _host_numbers(sigma, sigma_next):
+        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        coefs = _row_for_numbers(
+            sample, ("euler", float(sigma), float(sigma_next), prediction_type, clip),
+            lambda: euler_coefs(*_host(sigma, sigma_next), prediction_type=prediction_type, clip=clip))
+    else:
+        s, sn = _sigmas(sample, sigma=sigma, sigma_next=sigma_next)
+        coefs = euler_coefs(s, sn, prediction_type=prediction_type, clip=clip)
     return sampler_step(sample, model_output, coefs, guidance_scale=guidance_scale,
                         clip_range=clip_range, return_x0=return_x0)
 
@@ -399,9 +468,15 @@ def churn(
 ) -> torch.Tensor:
     """Raise the noise level from σ to σ_hat >= σ: x + s_noise sqrt(σ_hat² - σ²) z
     (EDM Algorithm 2, lines 5-6)."""
-    s, s_hat = _sigmas(sample, sigma=sigma, sigma_hat=sigma_hat)
-    coefs = _rows(s.shape, s, C_X=torch.ones_like(s),
-                  C_N=s_noise * (s_hat**2 - s**2).clamp(min=0).sqrt())
+    def rows(s, s_hat):
+        return _rows(s.shape, s, C_X=torch.ones_like(s),
+                     C_N=s_noise * (s_hat**2 - s**2).clamp(min=0).sqrt())
+
+    if _host_numbers(sigma, sigma_hat, s_noise):
+        coefs = _row_for_numbers(sample, ("churn", float(sigma), float(sigma_hat), float(s_noise)),
+                                 lambda: rows(*_host(sigma, sigma_hat)))
+    else:
+        coefs = rows(*_sigmas(sample, sigma=sigma, sigma_hat=sigma_hat))
     return sampler_step(sample, None, coefs, noise=noise, seed=seed)
 
 
@@ -422,11 +497,21 @@ def euler_ancestral_step(
     """Ancestral Euler step (k-diffusion ``sample_euler_ancestral``):
     σ_up = min(σ_next, η sqrt(σ_next² (σ² - σ_next²) / σ²)), σ_down = sqrt(σ_next² - σ_up²),
     x_next = x + (σ_down - σ) (x - x0)/σ + s_noise σ_up z."""
-    s, sn = _sigmas(sample, sigma=sigma, sigma_next=sigma_next)
-    sigma_up = torch.minimum(sn, eta * (sn**2 * (s**2 - sn**2) / s**2).clamp(min=0).sqrt())
-    sigma_down = (sn**2 - sigma_up**2).clamp(min=0).sqrt()
-    coefs = euler_coefs(s, sigma_down, prediction_type=prediction_type)
-    coefs[:, C_N] = s_noise * sigma_up
+    def rows(s, sn):
+        sigma_up = torch.minimum(sn, eta * (sn**2 * (s**2 - sn**2) / s**2).clamp(min=0).sqrt())
+        sigma_down = (sn**2 - sigma_up**2).clamp(min=0).sqrt()
+        coefs = euler_coefs(s, sigma_down, prediction_type=prediction_type)
+        coefs[:, C_N] = s_noise * sigma_up
+        return coefs
+
+    if _host_numbers(sigma, sigma_next, eta, s_noise):
+        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        coefs = _row_for_numbers(
+            sample, ("euler_ancestral", float(sigma), float(sigma_next), float(eta), float(s_noise),
+                     prediction_type),
+            lambda: rows(*_host(sigma, sigma_next)))
+    else:
+        coefs = rows(*_sigmas(sample, sigma=sigma, sigma_next=sigma_next))
     return sampler_step(sample, model_output, coefs, noise=noise, seed=seed,
                         guidance_scale=guidance_scale, return_x0=return_x0)
 
@@ -450,8 +535,14 @@ def heun_step(
     D1) and ``model_output`` the model evaluated there.  σ_next must be > 0
     (at σ_next = 0 the Euler step is final).
     """
-    s, sn = _sigmas(sample, sigma=sigma, sigma_next=sigma_next)
-    coefs = heun_coefs(s, sn, prediction_type=prediction_type)
+    if _host_numbers(sigma, sigma_next):
+        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        coefs = _row_for_numbers(
+            sample, ("heun", float(sigma), float(sigma_next), prediction_type),
+            lambda: heun_coefs(*_host(sigma, sigma_next), prediction_type=prediction_type))
+    else:
+        s, sn = _sigmas(sample, sigma=sigma, sigma_next=sigma_next)
+        coefs = heun_coefs(s, sn, prediction_type=prediction_type)
     return sampler_step(sample_mid, model_output, coefs, prev=sample, prev2=denoised,
                         guidance_scale=guidance_scale, return_x0=return_x0)
 
@@ -477,8 +568,17 @@ def dpmpp_2m_step(
     """
     if (sigma_prev is None) != (denoised_prev is None):
         raise ValueError("dpmpp_2m_step: give both sigma_prev and denoised_prev, or neither")
-    s, sn = _sigmas(sample, sigma=sigma, sigma_next=sigma_next)
-    sp = None if sigma_prev is None else _sigmas(sample, sigma_prev=sigma_prev)[0]
-    coefs = dpmpp_2m_coefs(s, sn, sp, prediction_type=prediction_type)
+    if _host_numbers(sigma, sigma_next) and (sigma_prev is None or _host_numbers(sigma_prev)):
+        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        prev = None if sigma_prev is None else float(sigma_prev)
+        coefs = _row_for_numbers(
+            sample, ("dpmpp_2m", float(sigma), float(sigma_next), prev, prediction_type),
+            lambda: dpmpp_2m_coefs(*_host(sigma, sigma_next),
+                                   None if prev is None else _host(prev)[0],
+                                   prediction_type=prediction_type))
+    else:
+        s, sn = _sigmas(sample, sigma=sigma, sigma_next=sigma_next)
+        sp = None if sigma_prev is None else _sigmas(sample, sigma_prev=sigma_prev)[0]
+        coefs = dpmpp_2m_coefs(s, sn, sp, prediction_type=prediction_type)
     return sampler_step(sample, model_output, coefs, prev=denoised_prev,
                         guidance_scale=guidance_scale, return_x0=return_x0)
