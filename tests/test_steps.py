@@ -370,6 +370,81 @@ def test_sigma_number_steps_compile_without_graph_breaks():
     assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+@pytest.mark.parametrize("step", [
+    dict(kind="ddpm", prediction_type="epsilon", variance_type="fixed_small"),
+    dict(kind="ddpm", prediction_type="v_prediction", variance_type="fixed_large"),
+    dict(kind="ddpm", prediction_type="sample", variance_type="fixed_small_log"),
+    dict(kind="ddim", prediction_type="epsilon", eta=0.0),
+    dict(kind="ddim", prediction_type="v_prediction", eta=0.8, use_clipped_model_output=True),
+], ids=lambda d: "-".join(str(v) for v in d.values()))
+def test_int_timesteps_and_tensor_timesteps_give_the_same_step(backend, step):
+    """Int timesteps with a CPU ᾱ table (the row read on the host and kept) and
+    per-sample timestep tensors (rows built as tensor ops) agree; prev < 0 included."""
+    step = dict(step)
+    fn = ops.ddpm_step if step.pop("kind") == "ddpm" else ops.ddim_step
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 1000))
+    g = torch.Generator().manual_seed(5)
+    x, m, z = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+    with use_backend(backend):
+        for t, prev in ((999, 979), (500, None), (10, -1)):
+            by_int = fn(m, t, x, ab, prev_timestep=prev, noise=z, **step)
+            kept = fn(m, t, x, ab, prev_timestep=prev, noise=z, **step)
+            by_tensor = fn(m, torch.full((3,), t), x, ab,
+                           prev_timestep=None if prev is None else torch.full((3,), prev), noise=z, **step)
+            assert torch.equal(by_int, kept)
+            assert_close(by_int, by_tensor, rtol=1e-6, atol=1e-6)
+
+
+def test_int_timestep_rows_follow_their_table(monkeypatch):
+    """A kept row belongs to its ᾱ table object as it was: an in-place change of the table,
+    another table, or a stale entry (a table freed and its id reused) builds a new row; an
+    inference-mode table's rows are not kept."""
+    import weakref
+
+    from fastdiff.ops import steps
+
+    monkeypatch.setattr(steps, "_ROW_CACHE", type(steps._ROW_CACHE)())
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 1000))
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    first = ops.ddim_step(m, 500, x, ab, prev_timestep=480)
+    with torch.no_grad():
+        ab[500] *= 0.9  # in place: the kept row must not be used
+    changed = ops.ddim_step(m, 500, x, ab, prev_timestep=480)
+    assert not torch.equal(first, changed)
+    fresh = ab.clone()
+    assert torch.equal(ops.ddim_step(m, 500, x, fresh, prev_timestep=480), changed)
+
+    # a stale entry under this table's key (as if a freed table's id had been reused)
+    key = next(k for k in steps._ROW_CACHE if k[-2] == id(fresh))
+    other = torch.zeros(1)
+    steps._ROW_CACHE[key] = (torch.full((1, ops.NUM_COEFS), 7.0), weakref.ref(other))
+    assert torch.equal(ops.ddim_step(m, 500, x, fresh, prev_timestep=480), changed)
+
+    with torch.inference_mode():
+        table = schedules.alphas_cumprod(schedules.betas("linear", 1000))
+        size = len(steps._ROW_CACHE)
+        got = ops.ddim_step(m, 500, x, table, prev_timestep=480)
+        assert len(steps._ROW_CACHE) == size
+    assert torch.equal(got, first)
+
+
+@pytest.mark.cuda
+def test_int_timesteps_with_a_cpu_table_do_not_synchronize():
+    """The README's loop with x on the GPU and ᾱ on the CPU: no host sync per step."""
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 1000))
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    ops.ddim_step(x, 999, x, ab, prev_timestep=979, eta=1.0, seed=1)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(999, -1, -20):
+            x = ops.ddim_step(x * 0.1, t, x, ab, prev_timestep=t - 20, eta=1.0, seed=t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x).all()
+
+
 def test_filled_row():
     from fastdiff.ops.steps import filled_row
 

@@ -300,14 +300,15 @@ def optional_float(name: str, v) -> Optional[float]:
     return float(v)
 
 
-def seed_tensor(seed) -> Optional[torch.Tensor]:
-    """A seed as the op takes it: a one-element int64 tensor (ints wrap to 64 bits)."""
+def seed_tensor(seed, device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+    """A seed as the op takes it: a one-element int64 tensor (ints wrap to 64 bits),
+    made on ``device`` by a fill (no host-to-device copy, which would synchronize)."""
     if seed is None or isinstance(seed, torch.Tensor):
         return seed
-    if not isinstance(seed, int):
+    if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int or an int tensor, got {type(seed).__name__}")
     seed &= 2**64 - 1
-    return torch.tensor([seed - 2**64 if seed >= 2**63 else seed], dtype=torch.int64)
+    return torch.full((1,), seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64, device=device)
 
 
 def sampler_step(
@@ -345,7 +346,7 @@ def sampler_step(
     Other inputs are converted to x's dtype first.  Returns ``out``, or
     ``(out, x0)`` when ``return_x0``.
     """
-    seed = seed_tensor(seed)
+    seed = seed_tensor(seed, x.device if isinstance(x, torch.Tensor) else None)
     clip_min, clip_max = (None, None) if clip_range is None else tuple(clip_range)
     guidance_scale = optional_float("guidance_scale", guidance_scale)
     clip_min = optional_float("clip_range[0]", clip_min)

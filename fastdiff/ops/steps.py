@@ -15,6 +15,7 @@ samplers (σ space, ``model_output`` = the denoised image for
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Optional, Union
 
@@ -119,6 +120,75 @@ def _clip_range(clip_sample_range: Optional[float]):
 
 
 # --------------------------------------------------------------------------
+# One row for a step given as Python numbers (σ, or int timesteps and a CPU ᾱ table)
+# --------------------------------------------------------------------------
+
+# (step key, device, opmath dtype[, table id and version]) -> (1, 9) row on the device and
+# a weak reference to the ᾱ table it was read from (None for σ steps); least recently used
+# dropped past _ROW_CACHE_SIZE.  A schedule sampled again costs one lookup per step.
+_ROW_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_ROW_CACHE_SIZE = 4096
+
+
+def _host_numbers(*values) -> bool:
+    """All plain Python numbers, and not under torch.compile (which traces the rows as
+    device ops: the host rows' bookkeeping would break the graph)."""
+    return (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            and not torch.compiler.is_compiling())
+
+
+def _host(*values: float) -> list[torch.Tensor]:
+    """σ values as (1,) float64 CPU tensors: the ``*_coefs`` formulas then run on the
+    host (microseconds, no device launch) and give a (1, 9) row."""
+    return [torch.tensor([float(v)], dtype=torch.float64) for v in values]
+
+
+def filled_row(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (1, 9) row with these values on ``device``, written with fills: no
+    host-to-device copy (which would synchronize, and which a CUDA graph would
+    replay from a stale host buffer)."""
+    row = torch.zeros(1, NUM_COEFS, dtype=dtype, device=device)
+    for i, v in enumerate(values):
+        if v != 0:
+            row[0, i] = v
+    return row
+
+
+def _row_for_numbers(sample: torch.Tensor, key: tuple, build,
+                     table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The coefficient row of a step given as Python numbers: ``build()`` gives it as a
+    (1, 9) float64 CPU tensor; the result is in the sample's opmath dtype on its device
+    (what sampler_step reads without a conversion), kept for the next time the same
+    step comes (not while a CUDA graph is being captured).  A row read from ``table``
+    (a CPU ᾱ table) is kept for that tensor object as long as it lives unmodified (an
+    inference-mode table has no version counter: its rows are not kept)."""
+    acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    keep = table is None or not table.is_inference()
+    full_key = (key, sample.device, acc)
+    if table is not None and keep:
+        full_key += (id(table), table._version)
+    entry = _ROW_CACHE.get(full_key) if keep else None
+    if entry is not None and (entry[1] is None or entry[1]() is table):
+        try:
+            _ROW_CACHE.move_to_end(full_key)
+        except KeyError:  # dropped meanwhile by another thread
+            pass
+        return entry[0]
+    host = build()
+    if sample.device.type == "cpu":
+        row = host.to(acc)
+    else:
+        row = filled_row(host[0].tolist(), acc, sample.device)
+        if sample.is_cuda and torch.cuda.is_current_stream_capturing():
+            return row  # graph-pool memory: not kept past the capture
+    if keep:
+        _ROW_CACHE[full_key] = (row, None if table is None else weakref.ref(table))
+        if len(_ROW_CACHE) > _ROW_CACHE_SIZE:
+            _ROW_CACHE.popitem(last=False)
+    return row
+
+
+# --------------------------------------------------------------------------
 # Timestep space (diffusers)
 # --------------------------------------------------------------------------
 
@@ -202,15 +272,30 @@ def ddim_coefs(
     return _rows(alpha_prod_t.shape, alpha_prod_t, **cols, C_X=c_x, C_M=c_m, C_0=c_0, C_N=std)
 
 
-def _timestep_step(coefs_fn, model_output, timestep, sample, alphas_cumprod, prev_timestep,
-                   final_alpha_cumprod, clip_sample_range, noise, seed, guidance_scale,
-                   return_x0, **kwargs):
-    batch, device = sample.shape[0], sample.device
-    t = _timesteps("timestep", timestep, batch, device)
-    prev_t = t - 1 if prev_timestep is None else _timesteps("prev_timestep", prev_timestep, batch, device)
-    ab_t = _gather_alphas(alphas_cumprod, t, final_alpha_cumprod)
-    ab_prev = _gather_alphas(alphas_cumprod, prev_t, final_alpha_cumprod)
-    coefs = coefs_fn(ab_t, ab_prev, t, **kwargs)
+def _timestep_step(coefs_fn, key, model_output, timestep, sample, alphas_cumprod, prev_timestep,
+                   final_alpha_cumprod, clip_sample_range, noise, seed, guidance_scale, return_x0):
+    """One step from ``coefs_fn(ab_t, ab_prev, t)``; ``key`` names the step and its
+    parameters (for the kept rows).  Int timesteps and a CPU ᾱ table: the row is read on
+    the host and kept (no device op for it, and no copy of the table to the device)."""
+    if (_host_numbers(timestep, final_alpha_cumprod) and isinstance(timestep, int)
+            and (prev_timestep is None or (isinstance(prev_timestep, int) and _host_numbers(prev_timestep)))
+            and isinstance(alphas_cumprod, torch.Tensor) and alphas_cumprod.device.type == "cpu"):
+        t_prev = timestep - 1 if prev_timestep is None else prev_timestep
+
+        def build():
+            t, prev_t = torch.tensor([timestep]), torch.tensor([t_prev])
+            return coefs_fn(_gather_alphas(alphas_cumprod, t, final_alpha_cumprod),
+                            _gather_alphas(alphas_cumprod, prev_t, final_alpha_cumprod), t)
+
+        coefs = _row_for_numbers(sample, key + (timestep, t_prev, float(final_alpha_cumprod)),
+                                 build, table=alphas_cumprod)
+    else:
+        batch, device = sample.shape[0], sample.device
+        t = _timesteps("timestep", timestep, batch, device)
+        prev_t = t - 1 if prev_timestep is None else _timesteps("prev_timestep", prev_timestep, batch, device)
+        ab_t = _gather_alphas(alphas_cumprod, t, final_alpha_cumprod)
+        ab_prev = _gather_alphas(alphas_cumprod, prev_t, final_alpha_cumprod)
+        coefs = coefs_fn(ab_t, ab_prev, t)
     return sampler_step(sample, model_output, coefs, noise=noise, seed=seed,
                         guidance_scale=guidance_scale, clip_range=_clip_range(clip_sample_range),
                         return_x0=return_x0)
@@ -241,7 +326,7 @@ def ddpm_step(
     return _timestep_step(
         lambda ab_t, ab_prev, t: ddpm_coefs(ab_t, ab_prev, t > 0, prediction_type=prediction_type,
                                             variance_type=variance_type),
-        model_output, timestep, sample, alphas_cumprod, prev_timestep, 1.0,
+        ("ddpm", prediction_type, variance_type), model_output, timestep, sample, alphas_cumprod, prev_timestep, 1.0,
         clip_sample_range, noise, seed, guidance_scale, return_x0,
     )
 
@@ -273,7 +358,7 @@ def ddim_step(
     return _timestep_step(
         lambda ab_t, ab_prev, t: ddim_coefs(ab_t, ab_prev, eta=eta, prediction_type=prediction_type,
                                             use_clipped_model_output=use_clipped_model_output),
-        model_output, timestep, sample, alphas_cumprod, prev_timestep, final_alpha_cumprod,
+        ("ddim", float(eta), prediction_type, bool(use_clipped_model_output)), model_output, timestep, sample, alphas_cumprod, prev_timestep, final_alpha_cumprod,
         clip_sample_range, noise if eta > 0 else None, seed if eta > 0 else None,
         guidance_scale, return_x0,
     )
@@ -364,67 +449,6 @@ def dpmpp_2m_coefs(sigma: torch.Tensor, sigma_next: torch.Tensor,
 
 def _sigmas(sample: torch.Tensor, **named: Scalar) -> list[torch.Tensor]:
     return [_per_sample(k, v, sample.shape[0], sample.device) for k, v in named.items()]
-
-
-# --------------------------------------------------------------------------
-# One row for σ given as Python numbers (k-diffusion's samplers: fastdiff.sampling)
-# --------------------------------------------------------------------------
-
-# (step key, device, opmath dtype) -> (1, 9) row on the device; least recently used
-# dropped past _ROW_CACHE_SIZE.  A schedule sampled again costs one lookup per step.
-_ROW_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-_ROW_CACHE_SIZE = 4096
-
-
-def _host_numbers(*values) -> bool:
-    """All plain Python numbers, and not under torch.compile (which traces the rows as
-    device ops: the host rows' bookkeeping would break the graph)."""
-    return (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-            and not torch.compiler.is_compiling())
-
-
-def _host(*values: float) -> list[torch.Tensor]:
-    """σ values as (1,) float64 CPU tensors: the ``*_coefs`` formulas then run on the
-    host (microseconds, no device launch) and give a (1, 9) row."""
-    return [torch.tensor([float(v)], dtype=torch.float64) for v in values]
-
-
-def filled_row(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A (1, 9) row with these values on ``device``, written with fills: no
-    host-to-device copy (which would synchronize, and which a CUDA graph would
-    replay from a stale host buffer)."""
-    row = torch.zeros(1, NUM_COEFS, dtype=dtype, device=device)
-    for i, v in enumerate(values):
-        if v != 0:
-            row[0, i] = v
-    return row
-
-
-def _row_for_numbers(sample: torch.Tensor, key: tuple, build) -> torch.Tensor:
-    """The coefficient row of a step whose σ are Python numbers: ``build()`` gives it
-    as a (1, 9) float64 CPU tensor; the result is in the sample's opmath dtype on its
-    device (what sampler_step reads without a conversion), kept for the next time the
-    same step comes (not while a CUDA graph is being captured)."""
-    acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
-    full_key = (key, sample.device, acc)
-    row = _ROW_CACHE.get(full_key)
-    if row is not None:
-        try:
-            _ROW_CACHE.move_to_end(full_key)
-        except KeyError:  # dropped meanwhile by another thread
-            pass
-        return row
-    host = build()
-    if sample.device.type == "cpu":
-        row = host.to(acc)
-    else:
-        row = filled_row(host[0].tolist(), acc, sample.device)
-        if sample.is_cuda and torch.cuda.is_current_stream_capturing():
-            return row  # graph-pool memory: not kept past the capture
-    _ROW_CACHE[full_key] = row
-    if len(_ROW_CACHE) > _ROW_CACHE_SIZE:
-        _ROW_CACHE.popitem(last=False)
-    return row
 
 
 def euler_step(

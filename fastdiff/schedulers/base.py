@@ -399,7 +399,8 @@ class SchedulerBase:
             elif self._seed_value is not None:
                 value = self._seed_value & (2**64 - 1)
                 value = value - 2**64 if value >= 2**63 else value
-                self._seed = torch.tensor([value], dtype=torch.int64, device=device)
+                # a fill, not a host-to-device copy (no sync; allowed while capturing)
+                self._seed = torch.full((1,), value, dtype=torch.int64, device=device)
             else:
                 self._seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
         return {"seed": self._seed}
