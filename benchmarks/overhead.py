@@ -130,6 +130,20 @@ def cases(device: str = "cpu"):
     t_prev = torch.tensor([480, 480], device=device)
     yield ("ddim_step", "no_grad", lambda: steps.ddim_step(m, t, x, ac, prev_timestep=t_prev), None,
            lambda: _eager_ddim(m, t, x, ac, t_prev))
+    # as the README's loop calls it: int timesteps, the ᾱ table on the CPU (row kept)
+    ac_host = ac.cpu()
+    yield ("ddim_step (int t)", "no_grad",
+           lambda: steps.ddim_step(m, 500, x, ac_host, prev_timestep=480), None,
+           lambda: _eager_ddim(m, t, x, ac, t_prev))
+    # a scheduler step with t from scheduler.timesteps (the diffusers loop)
+    sched = fastdiff.schedulers.DDIMScheduler()
+    sched.set_timesteps(50, device=device)
+    t_s = sched.timesteps[25]
+    yield ("DDIMScheduler.step", "no_grad", lambda: sched.step(m, t_s, x), None,
+           lambda: _eager_ddim(m, t, x, ac, t_prev))
+    # k-diffusion's Euler step with float σ (fastdiff.sampling; row kept)
+    yield ("euler_step (float σ)", "no_grad", lambda: steps.euler_step(m, x, 1.5, 1.2), None,
+           lambda: x + (x - m) / 1.5 * (1.2 - 1.5))
 
     # group_norm_silu
     xg, w, b, emb = r(2, 32, 8, 8), r(32), r(32), r(2, 32)
