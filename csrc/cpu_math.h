@@ -102,9 +102,18 @@ C10_ALWAYS_INLINE acc_t fold(acc_t (&lane)[kLanes]) {
   return lane[0];
 }
 
-// Σ f(i) for i < len.
+// Σ f(i) for i < len.  A row shorter than kLanes (e.g. the 16 positions of a 4x4
+// map) is summed in order: its elements would all fall in the scalar tail below and
+// the fold would add 31 lanes, most of them zero.
 template <typename acc_t, typename F>
 C10_ALWAYS_INLINE acc_t lane_sum(int64_t len, F f) {
+  if (len < kLanes) {
+    acc_t s = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      s += f(i);
+    }
+    return s;
+  }
   acc_t lane[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
