@@ -92,9 +92,9 @@ C10_ALWAYS_INLINE acc_t act_grad(acc_t dy, acc_t z) {
 // Reductions over an acc_t buffer: kLanes partial sums, folded pairwise.
 // ---------------------------------------------------------------------------
 
-template <typename acc_t>
-C10_ALWAYS_INLINE acc_t fold(acc_t (&lane)[kLanes]) {
-  for (int w = kLanes / 2; w > 0; w /= 2) {
+template <typename acc_t, int kN>
+C10_ALWAYS_INLINE acc_t fold(acc_t (&lane)[kN]) {
+  for (int w = kN / 2; w > 0; w /= 2) {
     for (int l = 0; l < w; ++l) {
       lane[l] += lane[l + w];
     }
@@ -102,22 +102,13 @@ C10_ALWAYS_INLINE acc_t fold(acc_t (&lane)[kLanes]) {
   return lane[0];
 }
 
-// Σ f(i) for i < len.  A row shorter than kLanes (e.g. the 16 positions of a 4x4
-// map) is summed in order: its elements would all fall in the scalar tail below and
-// the fold would add 31 lanes, most of them zero.
-template <typename acc_t, typename F>
-C10_ALWAYS_INLINE acc_t lane_sum(int64_t len, F f) {
-  if (len < kLanes) {
-    acc_t s = 0;
-    for (int64_t i = 0; i < len; ++i) {
-      s += f(i);
-    }
-    return s;
-  }
-  acc_t lane[kLanes] = {};
+// Σ f(i) for i < len in kN partial sums (lane l takes i = l mod kN), folded pairwise.
+template <int kN, typename acc_t, typename F>
+C10_ALWAYS_INLINE acc_t lane_sum_n(int64_t len, F f) {
+  acc_t lane[kN] = {};
   int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
+  for (; i + kN <= len; i += kN) {
+    for (int l = 0; l < kN; ++l) {
       lane[l] += f(i + l);
     }
   }
@@ -125,6 +116,17 @@ C10_ALWAYS_INLINE acc_t lane_sum(int64_t len, F f) {
     lane[l] += f(i + l);
   }
   return fold(lane);
+}
+
+// Σ f(i) for i < len.  A row shorter than kLanes (e.g. the 16 positions of a 4x4
+// map) takes 8 lanes: with 32 all its elements would fall in the scalar tail and
+// the fold would add 31 lanes, most of them zero.
+template <typename acc_t, typename F>
+C10_ALWAYS_INLINE acc_t lane_sum(int64_t len, F f) {
+  if (len < kLanes) {
+    return lane_sum_n<8, acc_t>(len, f);
+  }
+  return lane_sum_n<kLanes, acc_t>(len, f);
 }
 
 }  // namespace cpu
