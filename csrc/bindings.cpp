@@ -296,6 +296,91 @@ void group_norm_silu_bwd(const at::Tensor& dy, const at::Tensor& x,
   }
 }
 
+// The op bodies of the cpu / cuda backends in one call each: canonical layout,
+// opmath per-channel inputs, outputs allocated here.  They compute what
+// fastdiff/ops/group_norm.py's _forward / _backward_body compute around the
+// kernels above, without a Python step per tensor: at small sizes those steps
+// cost more than the kernels, the more so between a model's other ops (cold
+// caches).
+
+// channels_last(_3d) when x is in it (and not also plain contiguous), else
+// contiguous: the layout the outputs keep.
+at::MemoryFormat layout_of(const at::Tensor& x) {
+  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (x.dim() == 5 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+at::ScalarType opmath_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::optional<at::Tensor> as_opmath(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  if (!t.has_value() || !t->defined()) {
+    return std::nullopt;
+  }
+  return t->to(acc).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& emb,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+    int64_t num_groups, double eps, const std::string& act) {
+  TORCH_CHECK(x.dim() >= 2, "group_norm_silu: x must be (N, C, *spatial), got sizes ", x.sizes());
+  const at::ScalarType acc = opmath_of(x);
+  const at::Tensor xc = x.contiguous(layout_of(x));
+  at::Tensor y = at::empty_like(xc);
+  at::Tensor mean = at::empty({x.size(0), num_groups}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({x.size(0), num_groups}, x.options().dtype(acc));
+  group_norm_silu_fwd(xc, as_opmath(weight, acc), as_opmath(bias, acc), as_opmath(emb, acc),
+                      as_opmath(scale, acc), as_opmath(shift, acc), num_groups, eps, act, y, mean,
+                      rstd);
+  return {y, mean, rstd};
+}
+
+// Gradients of (x, weight, bias, emb, scale, shift), each in its input's dtype;
+// a 0-element tensor for an input that is absent or not in output_mask.
+std::vector<at::Tensor> group_norm_silu_backward(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& emb,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+    const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups, const std::string& act,
+    const std::vector<bool>& output_mask) {
+  TORCH_CHECK(output_mask.size() == 6, "group_norm_silu: output_mask must have 6 entries, got ",
+              output_mask.size());
+  const at::ScalarType acc = opmath_of(x);
+  const at::MemoryFormat fmt = layout_of(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor dyc = dy.to(x.scalar_type()).contiguous(fmt);
+  const std::optional<at::Tensor>* params[5] = {&weight, &bias, &emb, &scale, &shift};
+  std::optional<at::Tensor> grads[6];
+  if (output_mask[0]) {
+    grads[0] = at::empty_like(xc);
+  }
+  for (int i = 0; i < 5; ++i) {
+    const auto& t = *params[i];
+    if (output_mask[i + 1] && t.has_value() && t->defined()) {
+      grads[i + 1] = at::empty(t->sizes(), x.options().dtype(acc));
+    }
+  }
+  group_norm_silu_bwd(dyc, xc, as_opmath(weight, acc), as_opmath(bias, acc), as_opmath(emb, acc),
+                      as_opmath(scale, acc), as_opmath(shift, acc), mean, rstd, num_groups, act,
+                      grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]);
+  std::vector<at::Tensor> out;
+  out.reserve(6);
+  out.push_back(grads[0].has_value() ? *grads[0] : at::empty({0}, x.options()));
+  for (int i = 0; i < 5; ++i) {
+    out.push_back(grads[i + 1].has_value() ? grads[i + 1]->to((*params[i])->scalar_type())
+                                           : at::empty({0}, x.options()));
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------------------
 // rms_norm_silu
 // ---------------------------------------------------------------------------
@@ -454,6 +539,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("shift"), py::arg("mean"), py::arg("rstd"), py::arg("num_groups"), py::arg("act"),
         py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("demb"), py::arg("dscale"),
         py::arg("dshift"), py::call_guard<py::gil_scoped_release>());
+  m.def("group_norm_silu_forward", &fastdiff::group_norm_silu_forward,
+        "The cpu / cuda body of fastdiff::group_norm_silu: (y, mean, rstd) allocated here.",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("emb"), py::arg("scale"),
+        py::arg("shift"), py::arg("num_groups"), py::arg("eps"), py::arg("act"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("group_norm_silu_backward", &fastdiff::group_norm_silu_backward,
+        "The cpu / cuda body of fastdiff::group_norm_silu_backward: the six gradients "
+        "(0-element tensors where not wanted) allocated here.",
+        py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("emb"),
+        py::arg("scale"), py::arg("shift"), py::arg("mean"), py::arg("rstd"),
+        py::arg("num_groups"), py::arg("act"), py::arg("output_mask"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm_silu_fwd", &fastdiff::rms_norm_silu_fwd,
         "RMSNorm (F.normalize over C x sqrt(C) weight) + scale-shift + act into y, rstd; see "
         "fastdiff.reference.rms_norm.",

@@ -26,3 +26,8 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     if _poison.get() and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+def poisoning() -> bool:
+    """Whether outputs are to be NaN-poisoned (then ops allocate them here, in Python)."""
+    return _poison.get()

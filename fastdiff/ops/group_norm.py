@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._alloc import empty, empty_like
+from .._alloc import empty, empty_like, poisoning
 from ..reference import group_norm as ref
 
 __all__ = ["group_norm_silu"]
@@ -198,15 +198,29 @@ def _fwd_op(
     return _forward(x, num_groups, weight, bias, eps, emb, scale, shift, act)
 
 
+def _whole_body(impl: _backend.Impl, x: torch.Tensor):
+    """fastdiff._C's whole-body entry points (layout, opmath inputs, allocation and
+    kernel in one C++ call) when ``impl`` is a C++ backend and outputs need no
+    poisoning (tests allocate them in Python to NaN-fill them), else None."""
+    if impl.backend not in ("cpu", "cuda") or x.numel() == 0 or poisoning():
+        return None
+    ext = _backend.extension()
+    return ext if hasattr(ext, "group_norm_silu_backward") else None
+
+
 def _forward(x, num_groups, weight, bias, eps, emb, scale, shift, act):
     """The forward op's body on validated inputs: what the registered op and
     the eager fast path of :func:`group_norm_silu` both run."""
+    impl = _backend.select("fastdiff::group_norm_silu", _FWD, x.device, {})
+    ext = _whole_body(impl, x)
+    if ext is not None:
+        return ext.group_norm_silu_forward(x, weight, bias, emb, scale, shift, num_groups,
+                                           float(eps), act)
     acc = ref.opmath_dtype(x.dtype)
     x = x.contiguous(memory_format=_memory_format(x))
     y = empty_like(x)
     mean = empty(x.shape[0], num_groups, dtype=acc, device=x.device)
     rstd = empty(x.shape[0], num_groups, dtype=acc, device=x.device)
-    impl = _backend.select("fastdiff::group_norm_silu", _FWD, x.device, {})
     if x.numel() == 0:  # empty batch or empty groups: nothing to normalise
         mean.zero_()
         rstd.zero_()
@@ -240,6 +254,11 @@ def _backward_body(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of (x, weight, bias, emb, scale, shift); an input that is absent
     or not in ``output_mask`` gets an empty (0-element) tensor."""
+    impl = _backend.select("fastdiff::group_norm_silu_backward", _BWD, x.device, {})
+    ext = _whole_body(impl, x)
+    if ext is not None:
+        return tuple(ext.group_norm_silu_backward(grad_y, x, weight, bias, emb, scale, shift, mean,
+                                                  rstd, num_groups, act, output_mask))
     acc = ref.opmath_dtype(x.dtype)
     fmt = _memory_format(x)
     x = x.contiguous(memory_format=fmt)
@@ -247,7 +266,6 @@ def _backward_body(
     params = (weight, bias, emb, scale, shift)
     grads = _grad_buffers(x, params, output_mask, acc)
     if x.numel() > 0:
-        impl = _backend.select("fastdiff::group_norm_silu_backward", _BWD, x.device, {})
         impl.run(grad_y, x, *(_small(t, acc) for t in params), mean, rstd, num_groups, act, grads)
     return _grad_results(x, grads, params)
 
