@@ -480,6 +480,60 @@ void rms_norm_silu_bwd(const at::Tensor& dy, const at::Tensor& x,
   rms_norm_bwd_cpu({sh, dy, x, weight, scale, shift, rstd, eps, silu, dx, dweight, dscale, dshift});
 }
 
+// The CPU body of fastdiff::rms_norm_silu in one call each way (see
+// group_norm_silu_forward): (y, rstd), and the gradients of (x, weight, scale,
+// shift) in their inputs' dtypes (0-element where absent or not wanted).
+std::tuple<at::Tensor, at::Tensor> rms_norm_silu_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, double eps,
+    const std::string& act) {
+  TORCH_CHECK(x.dim() >= 2, "rms_norm_silu: x must be (N, C, *spatial), got sizes ", x.sizes());
+  const at::ScalarType acc = opmath_of(x);
+  const at::Tensor xc = x.contiguous(layout_of(x));
+  at::Tensor y = at::empty_like(xc);
+  std::vector<int64_t> rstd_sizes{x.size(0)};
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    rstd_sizes.push_back(x.size(d));
+  }
+  at::Tensor rstd = at::empty(rstd_sizes, x.options().dtype(acc));
+  rms_norm_silu_fwd(xc, as_opmath(weight, acc), as_opmath(scale, acc), as_opmath(shift, acc), eps,
+                    act, y, rstd);
+  return {y, rstd};
+}
+
+std::vector<at::Tensor> rms_norm_silu_backward(
+    const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    double eps, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+    const at::Tensor& rstd, const std::string& act, const std::vector<bool>& output_mask) {
+  TORCH_CHECK(output_mask.size() == 4, "rms_norm_silu: output_mask must have 4 entries, got ",
+              output_mask.size());
+  const at::ScalarType acc = opmath_of(x);
+  const at::MemoryFormat fmt = layout_of(x);
+  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor dyc = dy.to(x.scalar_type()).contiguous(fmt);
+  const std::optional<at::Tensor>* params[3] = {&weight, &scale, &shift};
+  std::optional<at::Tensor> grads[4];
+  if (output_mask[0]) {
+    grads[0] = at::empty_like(xc);
+  }
+  for (int i = 0; i < 3; ++i) {
+    const auto& t = *params[i];
+    if (output_mask[i + 1] && t.has_value() && t->defined()) {
+      grads[i + 1] = at::empty(t->sizes(), x.options().dtype(acc));
+    }
+  }
+  rms_norm_silu_bwd(dyc, xc, as_opmath(weight, acc), as_opmath(scale, acc), as_opmath(shift, acc),
+                    rstd.contiguous(), eps, act, grads[0], grads[1], grads[2], grads[3]);
+  std::vector<at::Tensor> out;
+  out.reserve(4);
+  out.push_back(grads[0].has_value() ? *grads[0] : at::empty({0}, x.options()));
+  for (int i = 0; i < 3; ++i) {
+    out.push_back(grads[i + 1].has_value() ? grads[i + 1]->to((*params[i])->scalar_type())
+                                           : at::empty({0}, x.options()));
+  }
+  return out;
+}
+
 // Words (w0, w1, w2, w3) of noise elements offset .. offset + numel - 1 of
 // stream seed, as an int64 (numel, 4) tensor holding the uint32 values.
 at::Tensor philox_words_cpu(uint64_t seed, int64_t numel, uint64_t offset) {
@@ -550,6 +604,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("emb"),
         py::arg("scale"), py::arg("shift"), py::arg("mean"), py::arg("rstd"),
         py::arg("num_groups"), py::arg("act"), py::arg("output_mask"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm_silu_forward", &fastdiff::rms_norm_silu_forward,
+        "The CPU body of fastdiff::rms_norm_silu: (y, rstd) allocated here.", py::arg("x"),
+        py::arg("weight"), py::arg("scale"), py::arg("shift"), py::arg("eps"), py::arg("act"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm_silu_backward", &fastdiff::rms_norm_silu_backward,
+        "The CPU body of fastdiff::rms_norm_silu_backward: the four gradients (0-element "
+        "tensors where not wanted) allocated here.",
+        py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("scale"),
+        py::arg("shift"), py::arg("rstd"), py::arg("act"), py::arg("output_mask"),
         py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm_silu_fwd", &fastdiff::rms_norm_silu_fwd,
         "RMSNorm (F.normalize over C x sqrt(C) weight) + scale-shift + act into y, rstd; see "

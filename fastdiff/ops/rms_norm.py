@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._alloc import empty, empty_like
+from .._alloc import empty, empty_like, poisoning
 from ..reference import rms_norm as ref
 from .group_norm import (
     _act_name,
@@ -148,14 +148,26 @@ def _fwd_op(
     return _forward(x, weight, eps, scale, shift, act)
 
 
+def _whole_body(impl: _backend.Impl, x: torch.Tensor):
+    """fastdiff._C's whole-body entry points for the cpu backend when outputs need no
+    poisoning, else None (see ops.group_norm._whole_body)."""
+    if impl.backend != "cpu" or x.numel() == 0 or poisoning():
+        return None
+    ext = _backend.extension()
+    return ext if hasattr(ext, "rms_norm_silu_backward") else None
+
+
 def _forward(x, weight, eps, scale, shift, act):
     """The forward op's body on validated inputs: what the registered op and
     the eager fast path of :func:`rms_norm_silu` both run."""
+    impl = _backend.select("fastdiff::rms_norm_silu", _FWD, x.device, {})
+    ext = _whole_body(impl, x)
+    if ext is not None:
+        return ext.rms_norm_silu_forward(x, weight, scale, shift, float(eps), act)
     acc = ref.opmath_dtype(x.dtype)
     x = x.contiguous(memory_format=_memory_format(x))
     y = empty_like(x)
     rstd = empty(*_rstd_shape(x), dtype=acc, device=x.device)
-    impl = _backend.select("fastdiff::rms_norm_silu", _FWD, x.device, {})
     if x.numel() == 0:  # no samples or no positions (rstd empty), or no channels (norm 0)
         rstd.fill_(1 / eps if eps > 0 else math.inf)
         return y, rstd
@@ -184,6 +196,11 @@ def _backward_body(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of (x, weight, scale, shift); an input that is absent or not
     in ``output_mask`` gets an empty (0-element) tensor."""
+    impl = _backend.select("fastdiff::rms_norm_silu_backward", _BWD, x.device, {})
+    ext = _whole_body(impl, x)
+    if ext is not None:
+        return tuple(ext.rms_norm_silu_backward(grad_y, x, weight, float(eps), scale, shift, rstd,
+                                                act, output_mask))
     acc = ref.opmath_dtype(x.dtype)
     fmt = _memory_format(x)
     x = x.contiguous(memory_format=fmt)
@@ -191,7 +208,6 @@ def _backward_body(
     params = (weight, scale, shift)
     grads = _grad_buffers(x, params, output_mask, acc)
     if x.numel() > 0:
-        impl = _backend.select("fastdiff::rms_norm_silu_backward", _BWD, x.device, {})
         impl.run(grad_y, x, *(_small(t, acc) for t in params), rstd.contiguous(), float(eps), act,
                  grads)
     return _grad_results(x, grads, params)
