@@ -326,6 +326,49 @@ std::optional<at::Tensor> as_opmath(const std::optional<at::Tensor>& t, at::Scal
   return t->to(acc).contiguous();
 }
 
+// What a norm backward body reads and writes: x and dy in x's layout, then one
+// gradient buffer per input -- dx like x, an opmath buffer per wanted, present
+// per-channel input (params, in output_mask order after x).
+struct NormBackward {
+  at::ScalarType acc;
+  at::Tensor x, dy;
+  std::vector<const std::optional<at::Tensor>*> params;
+  std::vector<std::optional<at::Tensor>> grads;
+
+  NormBackward(const char* op, const at::Tensor& dy_, const at::Tensor& x_,
+               std::vector<const std::optional<at::Tensor>*> params_,
+               const std::vector<bool>& output_mask)
+      : acc(opmath_of(x_)), params(std::move(params_)), grads(params.size() + 1) {
+    TORCH_CHECK(output_mask.size() == grads.size(), op, ": output_mask must have ", grads.size(),
+                " entries, got ", output_mask.size());
+    const at::MemoryFormat fmt = layout_of(x_);
+    x = x_.contiguous(fmt);
+    dy = dy_.to(x_.scalar_type()).contiguous(fmt);
+    if (output_mask[0]) {
+      grads[0] = at::empty_like(x);
+    }
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto& t = *params[i];
+      if (output_mask[i + 1] && t.has_value() && t->defined()) {
+        grads[i + 1] = at::empty(t->sizes(), x.options().dtype(acc));
+      }
+    }
+  }
+
+  // The op's outputs: each gradient in its input's dtype, a 0-element tensor where
+  // the input is absent or its gradient not wanted.
+  std::vector<at::Tensor> results() const {
+    std::vector<at::Tensor> out;
+    out.reserve(grads.size());
+    out.push_back(grads[0].has_value() ? *grads[0] : at::empty({0}, x.options()));
+    for (size_t i = 0; i < params.size(); ++i) {
+      out.push_back(grads[i + 1].has_value() ? grads[i + 1]->to((*params[i])->scalar_type())
+                                             : at::empty({0}, x.options()));
+    }
+    return out;
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& emb,
@@ -351,34 +394,12 @@ std::vector<at::Tensor> group_norm_silu_backward(
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
     const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups, const std::string& act,
     const std::vector<bool>& output_mask) {
-  TORCH_CHECK(output_mask.size() == 6, "group_norm_silu: output_mask must have 6 entries, got ",
-              output_mask.size());
-  const at::ScalarType acc = opmath_of(x);
-  const at::MemoryFormat fmt = layout_of(x);
-  const at::Tensor xc = x.contiguous(fmt);
-  const at::Tensor dyc = dy.to(x.scalar_type()).contiguous(fmt);
-  const std::optional<at::Tensor>* params[5] = {&weight, &bias, &emb, &scale, &shift};
-  std::optional<at::Tensor> grads[6];
-  if (output_mask[0]) {
-    grads[0] = at::empty_like(xc);
-  }
-  for (int i = 0; i < 5; ++i) {
-    const auto& t = *params[i];
-    if (output_mask[i + 1] && t.has_value() && t->defined()) {
-      grads[i + 1] = at::empty(t->sizes(), x.options().dtype(acc));
-    }
-  }
-  group_norm_silu_bwd(dyc, xc, as_opmath(weight, acc), as_opmath(bias, acc), as_opmath(emb, acc),
-                      as_opmath(scale, acc), as_opmath(shift, acc), mean, rstd, num_groups, act,
-                      grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]);
-  std::vector<at::Tensor> out;
-  out.reserve(6);
-  out.push_back(grads[0].has_value() ? *grads[0] : at::empty({0}, x.options()));
-  for (int i = 0; i < 5; ++i) {
-    out.push_back(grads[i + 1].has_value() ? grads[i + 1]->to((*params[i])->scalar_type())
-                                           : at::empty({0}, x.options()));
-  }
-  return out;
+  NormBackward b(kGroupNorm, dy, x, {&weight, &bias, &emb, &scale, &shift}, output_mask);
+  group_norm_silu_bwd(b.dy, b.x, as_opmath(weight, b.acc), as_opmath(bias, b.acc),
+                      as_opmath(emb, b.acc), as_opmath(scale, b.acc), as_opmath(shift, b.acc), mean,
+                      rstd, num_groups, act, b.grads[0], b.grads[1], b.grads[2], b.grads[3],
+                      b.grads[4], b.grads[5]);
+  return b.results();
 }
 
 // ---------------------------------------------------------------------------
@@ -505,33 +526,11 @@ std::vector<at::Tensor> rms_norm_silu_backward(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     double eps, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
     const at::Tensor& rstd, const std::string& act, const std::vector<bool>& output_mask) {
-  TORCH_CHECK(output_mask.size() == 4, "rms_norm_silu: output_mask must have 4 entries, got ",
-              output_mask.size());
-  const at::ScalarType acc = opmath_of(x);
-  const at::MemoryFormat fmt = layout_of(x);
-  const at::Tensor xc = x.contiguous(fmt);
-  const at::Tensor dyc = dy.to(x.scalar_type()).contiguous(fmt);
-  const std::optional<at::Tensor>* params[3] = {&weight, &scale, &shift};
-  std::optional<at::Tensor> grads[4];
-  if (output_mask[0]) {
-    grads[0] = at::empty_like(xc);
-  }
-  for (int i = 0; i < 3; ++i) {
-    const auto& t = *params[i];
-    if (output_mask[i + 1] && t.has_value() && t->defined()) {
-      grads[i + 1] = at::empty(t->sizes(), x.options().dtype(acc));
-    }
-  }
-  rms_norm_silu_bwd(dyc, xc, as_opmath(weight, acc), as_opmath(scale, acc), as_opmath(shift, acc),
-                    rstd.contiguous(), eps, act, grads[0], grads[1], grads[2], grads[3]);
-  std::vector<at::Tensor> out;
-  out.reserve(4);
-  out.push_back(grads[0].has_value() ? *grads[0] : at::empty({0}, x.options()));
-  for (int i = 0; i < 3; ++i) {
-    out.push_back(grads[i + 1].has_value() ? grads[i + 1]->to((*params[i])->scalar_type())
-                                           : at::empty({0}, x.options()));
-  }
-  return out;
+  NormBackward b(kRmsNorm, dy, x, {&weight, &scale, &shift}, output_mask);
+  rms_norm_silu_bwd(b.dy, b.x, as_opmath(weight, b.acc), as_opmath(scale, b.acc),
+                    as_opmath(shift, b.acc), rstd.contiguous(), eps, act, b.grads[0], b.grads[1],
+                    b.grads[2], b.grads[3]);
+  return b.results();
 }
 
 // Words (w0, w1, w2, w3) of noise elements offset .. offset + numel - 1 of

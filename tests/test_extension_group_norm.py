@@ -173,3 +173,70 @@ def test_backward_argument_checks():
     with pytest.raises(RuntimeError, match="dy must match x"):
         _C.group_norm_silu_bwd(dy.double(), x, *(p[k] for k in PARAMS), mean, rstd, 3, "silu",
                                *grads)
+
+
+# --------------------------------------------------------------------------
+# The whole-body entry points the ops call (group_norm_silu_forward / _backward,
+# rms_norm_silu_forward / _backward): bit for bit what the op computes with its
+# outputs allocated in Python (the path taken when outputs are NaN-poisoned)
+# --------------------------------------------------------------------------
+
+
+def _op_paths(op, args, grad):
+    """(y, grads) of op on the whole-body path and on the Python-allocated one."""
+    from fastdiff.testing import poisoned_outputs
+
+    results = []
+    for poison in (False, True):
+        leaves = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                  else a for a in args]
+        with poisoned_outputs() if poison else _nullcontext():
+            y = op(*leaves)
+            y.backward(grad)
+        results.append([y.detach()] + [t.grad for t in leaves
+                                       if isinstance(t, torch.Tensor) and t.requires_grad])
+    return results
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("which", ["group_norm", "rms_norm"])
+def test_whole_body_entry_points_equal_the_python_allocated_path(which, cl, dtype):
+    import fastdiff
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 8, 5, 3, generator=g).to(dtype)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(8, generator=g).to(dtype).requires_grad_()  # cast to opmath inside
+    scale = torch.randn(2, 8, generator=g).requires_grad_()
+    shift = torch.randn(2, 8, generator=g)  # no gradient wanted
+    grad = torch.randn(2, 8, 5, 3, generator=g).to(dtype)
+    x.requires_grad_()
+    with fastdiff.use_backend("cpu"):
+        if which == "group_norm":
+            fast, slow = _op_paths(lambda x, w, s, t: fastdiff.ops.group_norm_silu(
+                x, 4, w, None, emb=s, scale=s, shift=t), [x, w, scale, shift], grad)
+        else:
+            fast, slow = _op_paths(lambda x, w, s, t: fastdiff.ops.rms_norm_silu(
+                x, w, scale=s, shift=t), [x, w, scale, shift], grad)
+    assert fast[0].stride() == slow[0].stride()
+    for a, b in zip(fast, slow, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_whole_body_output_mask_length_is_checked():
+    x = torch.randn(2, 4, 3)
+    mean, rstd = torch.zeros(2, 2), torch.ones(2, 2)
+    with pytest.raises(RuntimeError, match="output_mask must have 6 entries, got 2"):
+        _C.group_norm_silu_backward(x, x, None, None, None, None, None, mean, rstd, 2, "silu",
+                                    [True, False])
+    with pytest.raises(RuntimeError, match="output_mask must have 4 entries, got 6"):
+        _C.rms_norm_silu_backward(x, x, None, 1e-12, None, None, torch.ones(2, 3), "silu",
+                                  [True] * 6)
