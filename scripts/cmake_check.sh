@@ -13,5 +13,6 @@ rm -rf build/cmake/pkg && mkdir -p build/cmake/pkg
 cp -r fastdiff build/cmake/pkg/
 rm -f build/cmake/pkg/fastdiff/_C*.so
 cp build/cmake/_C*.so build/cmake/pkg/fastdiff/
-(cd build/cmake/pkg && "$PY" -m pytest -q -p no:cacheprovider ../../../tests/test_extension.py \
-    | tail -n 1 | sed 's/^/cmake build: test_extension.py /')
+# -rf: a failure is named in CI's log (the summary alone would not say which test)
+(cd build/cmake/pkg && "$PY" -m pytest -q -rf -p no:cacheprovider ../../../tests/test_extension.py \
+    | grep -E "^(FAILED|ERROR)|passed|failed" | sed 's/^/cmake build: test_extension.py /')

@@ -203,9 +203,11 @@ def test_cpu_kernel_keeps_nan_through_clip():
 
 
 def _direct_args(batch=2, rows=2):
-    x = torch.randn(batch, 3, 4)
-    coefs = torch.randn(rows, ref.NUM_COEFS)
-    return dict(x=x, model_output=torch.randn_like(x), coefs=coefs, index=None, prev=None,
+    gen = torch.Generator().manual_seed(batch * 100 + rows)
+    x = torch.randn(batch, 3, 4, generator=gen)
+    coefs = torch.randn(rows, ref.NUM_COEFS, generator=gen)
+    return dict(x=x, model_output=torch.randn(batch, 3, 4, generator=gen), coefs=coefs,
+                index=None, prev=None,
                 prev2=None, noise=None, seed=None, guidance_scale=None, clip_min=None,
                 clip_max=None, out=torch.empty_like(x), x0_out=None)
 
