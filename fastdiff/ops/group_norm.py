@@ -198,14 +198,16 @@ def _fwd_op(
     return _forward(x, num_groups, weight, bias, eps, emb, scale, shift, act)
 
 
-def _whole_body(impl: _backend.Impl, x: torch.Tensor):
-    """fastdiff._C's whole-body entry points (layout, opmath inputs, allocation and
-    kernel in one C++ call) when ``impl`` is a C++ backend and outputs need no
-    poisoning (tests allocate them in Python to NaN-fill them), else None."""
-    if impl.backend not in ("cpu", "cuda") or x.numel() == 0 or poisoning():
+def _whole_body(impl: _backend.Impl, x: torch.Tensor, symbol: str = "group_norm_silu_backward",
+                backends: tuple = ("cpu", "cuda")):
+    """fastdiff._C, whose ``symbol`` is a whole-body entry point (layout, opmath inputs,
+    allocation and kernel in one C++ call), when ``impl`` is one of the C++ ``backends``
+    it serves and outputs need no poisoning (tests allocate them in Python to NaN-fill
+    them); else None."""
+    if impl.backend not in backends or x.numel() == 0 or poisoning():
         return None
     ext = _backend.extension()
-    return ext if hasattr(ext, "group_norm_silu_backward") else None
+    return ext if hasattr(ext, symbol) else None
 
 
 def _forward(x, num_groups, weight, bias, eps, emb, scale, shift, act):

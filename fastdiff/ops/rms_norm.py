@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .._alloc import empty, empty_like, poisoning
+from .._alloc import empty, empty_like
 from ..reference import rms_norm as ref
 from .group_norm import (
     _act_name,
@@ -29,6 +29,7 @@ from .group_norm import (
     _grad_results,
     _memory_format,
     _small,
+    _whole_body,
 )
 
 __all__ = ["rms_norm_silu"]
@@ -148,20 +149,11 @@ def _fwd_op(
     return _forward(x, weight, eps, scale, shift, act)
 
 
-def _whole_body(impl: _backend.Impl, x: torch.Tensor):
-    """fastdiff._C's whole-body entry points for the cpu backend when outputs need no
-    poisoning, else None (see ops.group_norm._whole_body)."""
-    if impl.backend != "cpu" or x.numel() == 0 or poisoning():
-        return None
-    ext = _backend.extension()
-    return ext if hasattr(ext, "rms_norm_silu_backward") else None
-
-
 def _forward(x, weight, eps, scale, shift, act):
     """The forward op's body on validated inputs: what the registered op and
     the eager fast path of :func:`rms_norm_silu` both run."""
     impl = _backend.select("fastdiff::rms_norm_silu", _FWD, x.device, {})
-    ext = _whole_body(impl, x)
+    ext = _whole_body(impl, x, "rms_norm_silu_backward", ("cpu",))
     if ext is not None:
         return ext.rms_norm_silu_forward(x, weight, scale, shift, float(eps), act)
     acc = ref.opmath_dtype(x.dtype)
@@ -197,7 +189,7 @@ def _backward_body(
     """Gradients of (x, weight, scale, shift); an input that is absent or not
     in ``output_mask`` gets an empty (0-element) tensor."""
     impl = _backend.select("fastdiff::rms_norm_silu_backward", _BWD, x.device, {})
-    ext = _whole_body(impl, x)
+    ext = _whole_body(impl, x, "rms_norm_silu_backward", ("cpu",))
     if ext is not None:
         return tuple(ext.rms_norm_silu_backward(grad_y, x, weight, float(eps), scale, shift, rstd,
                                                 act, output_mask))
