@@ -110,19 +110,26 @@ def _validate(x, num_groups, weight, bias, eps, emb, scale, shift, act) -> None:
         raise ValueError(f"group_norm_silu: eps must be a float >= 0, got {eps!r}")
     if act not in ref.ACTIVATIONS:
         raise ValueError(f"group_norm_silu: act must be 'silu' or None, got {act!r}")
-    for name, t, shape in (("weight", weight, (c,)), ("bias", bias, (c,)),
-                           ("emb", emb, (n, c)), ("scale", scale, (n, c)), ("shift", shift, (n, c))):
+    _check_channel_inputs("group_norm_silu", x, (("weight", weight, (c,)), ("bias", bias, (c,)),
+                                                 ("emb", emb, (n, c)), ("scale", scale, (n, c)),
+                                                 ("shift", shift, (n, c))))
+
+
+def _check_channel_inputs(op: str, x: torch.Tensor, inputs) -> None:
+    """Each (name, tensor or None, expected shape) of a norm's per-channel inputs: a
+    floating-point tensor of that shape on x's device, or None."""
+    for name, t, shape in inputs:
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
-            raise TypeError(f"group_norm_silu: {name} must be a floating-point tensor")
+            raise TypeError(f"{op}: {name} must be a floating-point tensor")
         if t.shape != shape:  # torch.Size is a tuple
             raise ValueError(
-                f"group_norm_silu: {name} must have shape {shape} for x of shape "
+                f"{op}: {name} must have shape {shape} for x of shape "
                 f"{tuple(x.shape)}, got {tuple(t.shape)}"
             )
         if t.device != x.device:
-            raise ValueError(f"group_norm_silu: {name} is on {t.device} but x is on {x.device}")
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -24,6 +24,7 @@ from .._alloc import empty, empty_like
 from ..reference import rms_norm as ref
 from .group_norm import (
     _act_name,
+    _check_channel_inputs,
     _fake_grads,
     _grad_buffers,
     _grad_results,
@@ -112,19 +113,8 @@ def _validate(x, weight, eps, scale, shift, act) -> None:
         raise ValueError(f"rms_norm_silu: eps must be a float >= 0, got {eps!r}")
     if act not in ref.ACTIVATIONS:
         raise ValueError(f"rms_norm_silu: act must be 'silu' or None, got {act!r}")
-    for name, t, shape in (("weight", weight, (c,)), ("scale", scale, (n, c)),
-                           ("shift", shift, (n, c))):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
-            raise TypeError(f"rms_norm_silu: {name} must be a floating-point tensor")
-        if t.shape != shape:  # torch.Size is a tuple
-            raise ValueError(
-                f"rms_norm_silu: {name} must have shape {shape} for x of shape "
-                f"{tuple(x.shape)}, got {tuple(t.shape)}"
-            )
-        if t.device != x.device:
-            raise ValueError(f"rms_norm_silu: {name} is on {t.device} but x is on {x.device}")
+    _check_channel_inputs("rms_norm_silu", x, (("weight", weight, (c,)), ("scale", scale, (n, c)),
+                                               ("shift", shift, (n, c))))
 
 
 def _rstd_shape(x: torch.Tensor) -> tuple[int, ...]:
