@@ -125,6 +125,86 @@ def test_add_noise_gradient_reaches_x0(backend):
     assert_close(x0.grad, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_add_noise_matches_its_formula(backend, dtype):
+    """Per-sample t (negative: x0 itself), an int t, fp64 and bf16 samples: the kept
+    (T + 1)-row table read at t + 1 is sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε."""
+    ab = schedules.alphas_cumprod(schedules.betas("scaled_linear", 50))
+    x0, noise = _randn(4, 3, 5, 7, seed=1, dtype=dtype), _randn(4, 3, 5, 7, seed=2, dtype=dtype)
+    t = torch.tensor([-1, 0, 17, 49])
+    ab_t = torch.cat([torch.ones(1, dtype=torch.float64), ab.double()])[t + 1].view(-1, 1, 1, 1)
+    truth = ab_t.sqrt() * x0.double() + (1 - ab_t).sqrt() * noise.double()
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    with use_backend(backend):
+        got = ops.add_noise(x0, noise, t, ab)
+        assert torch.equal(got[0], x0[0])
+        assert_close(got, truth.to(dtype), truth=truth, rtol=tol, atol=tol)
+        assert torch.equal(ops.add_noise(x0, noise, t, ab), got)  # the kept table
+        assert torch.equal(ops.add_noise(x0, noise, 17, ab), ops.add_noise(x0, noise, torch.full((4,), 17), ab))
+
+
+def test_add_noise_table_follows_its_alphas(monkeypatch):
+    """The kept table belongs to the ᾱ tensor as it was: an in-place change builds a new
+    one; an inference-mode ᾱ's table is not kept."""
+    from fastdiff.ops import steps
+
+    monkeypatch.setattr(steps, "_TABLES", steps._Kept(16))
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 100))
+    x0, noise, t = _randn(2, 3, 4, 4, seed=1), _randn(2, 3, 4, 4, seed=2), torch.tensor([10, 60])
+    first = ops.add_noise(x0, noise, t, ab)
+    assert len(steps._TABLES.entries) == 1
+    with torch.no_grad():
+        ab[60] = 0.5
+    changed = ops.add_noise(x0, noise, t, ab)
+    assert torch.equal(changed[0], first[0]) and not torch.equal(changed[1], first[1])
+    assert_close(changed[1], 0.5**0.5 * (x0[1] + noise[1]))
+    with torch.inference_mode():
+        table = ab.clone()
+        size = len(steps._TABLES.entries)
+        assert torch.equal(ops.add_noise(x0, noise, t, table), changed)
+        assert len(steps._TABLES.entries) == size
+
+
+def test_add_noise_argument_errors():
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 10))
+    x = torch.zeros(2, 3)
+    with pytest.raises(IndexError, match=r"add_noise: timesteps must be < 10 \(the length of alphas_cumprod\), got 10"):
+        ops.add_noise(x, x, torch.tensor([3, 10]), ab)
+    with pytest.raises(TypeError, match="add_noise: alphas_cumprod must be a non-empty 1-D floating-point tensor"):
+        ops.add_noise(x, x, 3, ab.view(2, 5))
+    with pytest.raises(TypeError, match="alphas_cumprod must be"):
+        ops.add_noise(x, x, 3, torch.arange(10))
+    with pytest.raises(TypeError, match="timesteps must hold integers"):
+        ops.add_noise(x, x, torch.tensor([1.0, 2.0]), ab)
+    with pytest.raises(ValueError, match=r"timesteps must be a scalar or have shape \(2,\)"):
+        ops.add_noise(x, x, torch.tensor([1, 2, 3]), ab)
+
+
+def test_add_noise_compiles_without_graph_breaks():
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 100))
+    x0, noise, t = _randn(2, 3, 4, 4, seed=1), _randn(2, 3, 4, 4, seed=2), torch.tensor([-1, 99])
+    torch._dynamo.reset()
+    compiled = torch.compile(ops.add_noise, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x0, noise, t, ab), ops.add_noise(x0, noise, t, ab))
+
+
+@pytest.mark.cuda
+def test_add_noise_does_not_synchronize():
+    """Per-sample timesteps on the GPU with the ᾱ table there: the table is made once,
+    then each call is launches only."""
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 1000)).cuda()
+    x0 = torch.randn(4, 3, 16, 16, device="cuda")
+    t = torch.randint(0, 1000, (4,), device="cuda")
+    expected = ops.add_noise(x0, x0, t, ab)  # makes the table
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = ops.add_noise(x0, x0, t, ab)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, expected)
+
+
 # --------------------------------------------------------------------------
 # σ space: k-diffusion's samplers, transcribed (their package imports torchvision)
 # --------------------------------------------------------------------------
@@ -332,8 +412,7 @@ def test_sigma_numbers_and_tensors_give_the_same_step(backend, dtype, prediction
 def test_sigma_number_rows_are_kept_and_bounded(monkeypatch):
     from fastdiff.ops import steps
 
-    monkeypatch.setattr(steps, "_ROW_CACHE", type(steps._ROW_CACHE)())
-    monkeypatch.setattr(steps, "_ROW_CACHE_SIZE", 4)
+    monkeypatch.setattr(steps, "_ROWS", steps._Kept(4))
     seen = []
     real = steps.sampler_step
     monkeypatch.setattr(steps, "sampler_step", lambda x, m, coefs, *a, **k: seen.append(coefs) or real(x, m, coefs, *a, **k))
@@ -342,10 +421,10 @@ def test_sigma_number_rows_are_kept_and_bounded(monkeypatch):
     ops.euler_step(x, x, 2.0, 1.0)
     assert seen[0] is seen[1] and seen[0].shape == (1, ops.NUM_COEFS) and seen[0].dtype == torch.float32
     ops.euler_step(x.double(), x.double(), 2.0, 1.0)  # another opmath dtype: another row
-    assert seen[2].dtype == torch.float64 and len(steps._ROW_CACHE) == 2
+    assert seen[2].dtype == torch.float64 and len(steps._ROWS.entries) == 2
     for i in range(10):
         ops.heun_step(x, x, x, x, 3.0 + i, 1.0)
-    assert len(steps._ROW_CACHE) == 4
+    assert len(steps._ROWS.entries) == 4
     ops.euler_step(x, x, 2.0, 1.0)  # dropped as least recently used: built again
     assert seen[-1] is not seen[0] and torch.equal(seen[-1], seen[0])
 
@@ -404,7 +483,7 @@ def test_int_timestep_rows_follow_their_table(monkeypatch):
 
     from fastdiff.ops import steps
 
-    monkeypatch.setattr(steps, "_ROW_CACHE", type(steps._ROW_CACHE)())
+    monkeypatch.setattr(steps, "_ROWS", steps._Kept(4096))
     ab = schedules.alphas_cumprod(schedules.betas("linear", 1000))
     x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     first = ops.ddim_step(m, 500, x, ab, prev_timestep=480)
@@ -416,16 +495,16 @@ def test_int_timestep_rows_follow_their_table(monkeypatch):
     assert torch.equal(ops.ddim_step(m, 500, x, fresh, prev_timestep=480), changed)
 
     # a stale entry under this table's key (as if a freed table's id had been reused)
-    key = next(k for k in steps._ROW_CACHE if k[-2] == id(fresh))
+    key = next(k for k in steps._ROWS.entries if k[-2] == id(fresh))
     other = torch.zeros(1)
-    steps._ROW_CACHE[key] = (torch.full((1, ops.NUM_COEFS), 7.0), weakref.ref(other))
+    steps._ROWS.entries[key] = (torch.full((1, ops.NUM_COEFS), 7.0), weakref.ref(other))
     assert torch.equal(ops.ddim_step(m, 500, x, fresh, prev_timestep=480), changed)
 
     with torch.inference_mode():
         table = schedules.alphas_cumprod(schedules.betas("linear", 1000))
-        size = len(steps._ROW_CACHE)
+        size = len(steps._ROWS.entries)
         got = ops.ddim_step(m, 500, x, table, prev_timestep=480)
-        assert len(steps._ROW_CACHE) == size
+        assert len(steps._ROWS.entries) == size
     assert torch.equal(got, first)
 
 

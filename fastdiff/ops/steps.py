@@ -103,6 +103,8 @@ def _timesteps(name: str, t, batch: int, device: torch.device) -> torch.Tensor:
             raise TypeError(f"{name} must hold integers, got {t.dtype}")
         if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, batch)):
             raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+        if t.dtype == torch.int64 and t.device == device and t.shape == (batch,):
+            return t  # already what the steps take (the usual per-sample tensor)
         return t.to(device=device, dtype=torch.int64).reshape(-1).expand(batch)
     if not isinstance(t, int):
         raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
@@ -123,11 +125,46 @@ def _clip_range(clip_sample_range: Optional[float]):
 # One row for a step given as Python numbers (σ, or int timesteps and a CPU ᾱ table)
 # --------------------------------------------------------------------------
 
-# (step key, device, opmath dtype[, table id and version]) -> (1, 9) row on the device and
-# a weak reference to the ᾱ table it was read from (None for σ steps); least recently used
-# dropped past _ROW_CACHE_SIZE.  A schedule sampled again costs one lookup per step.
-_ROW_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-_ROW_CACHE_SIZE = 4096
+class _Kept:
+    """Device tensors made from Python numbers or from a tensor (an ᾱ table), kept for the
+    next call that asks for the same thing; the least recently used are dropped past
+    ``size``.  Keys are (what, device, opmath dtype[, source id, source version]); a
+    sampling run that comes again costs one lookup per step."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+    def get(self, key: tuple, like: torch.Tensor, make,
+            source: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``make()``'s tensor for ``key``, kept unless it was made while a CUDA graph
+        was being captured (graph-pool memory).  One made from ``source`` is kept for
+        that tensor object as long as it lives unmodified (an inference-mode tensor has
+        no version counter: nothing made from it is kept)."""
+        keep = source is None or not source.is_inference()
+        if source is not None and keep:
+            key += (id(source), source._version)
+        entry = self.entries.get(key) if keep else None
+        if entry is not None and (entry[1] is None or entry[1]() is source):
+            try:
+                self.entries.move_to_end(key)
+            except KeyError:  # dropped meanwhile by another thread
+                pass
+            return entry[0]
+        made = make()
+        if like.is_cuda and torch.cuda.is_current_stream_capturing():
+            return made
+        if keep:
+            self.entries[key] = (made, None if source is None else weakref.ref(source))
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return made
+
+
+# (1, 9) rows of steps given as numbers: one per step of the schedules in use.
+_ROWS = _Kept(4096)
+# (T + 1, 9) tables of add_noise: one per ᾱ table in use, ~36 KB each for T = 1000.
+_TABLES = _Kept(16)
 
 
 def _host_numbers(*values) -> bool:
@@ -158,34 +195,17 @@ def _row_for_numbers(sample: torch.Tensor, key: tuple, build,
                      table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The coefficient row of a step given as Python numbers: ``build()`` gives it as a
     (1, 9) float64 CPU tensor; the result is in the sample's opmath dtype on its device
-    (what sampler_step reads without a conversion), kept for the next time the same
-    step comes (not while a CUDA graph is being captured).  A row read from ``table``
-    (a CPU ᾱ table) is kept for that tensor object as long as it lives unmodified (an
-    inference-mode table has no version counter: its rows are not kept)."""
+    (what sampler_step reads without a conversion), kept in ``_ROWS`` (for ``table``,
+    the CPU ᾱ table it was read from, while that table lives unmodified)."""
     acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
-    keep = table is None or not table.is_inference()
-    full_key = (key, sample.device, acc)
-    if table is not None and keep:
-        full_key += (id(table), table._version)
-    entry = _ROW_CACHE.get(full_key) if keep else None
-    if entry is not None and (entry[1] is None or entry[1]() is table):
-        try:
-            _ROW_CACHE.move_to_end(full_key)
-        except KeyError:  # dropped meanwhile by another thread
-            pass
-        return entry[0]
-    host = build()
-    if sample.device.type == "cpu":
-        row = host.to(acc)
-    else:
-        row = filled_row(host[0].tolist(), acc, sample.device)
-        if sample.is_cuda and torch.cuda.is_current_stream_capturing():
-            return row  # graph-pool memory: not kept past the capture
-    if keep:
-        _ROW_CACHE[full_key] = (row, None if table is None else weakref.ref(table))
-        if len(_ROW_CACHE) > _ROW_CACHE_SIZE:
-            _ROW_CACHE.popitem(last=False)
-    return row
+
+    def make():
+        host = build()
+        if sample.device.type == "cpu":
+            return host.to(acc)
+        return filled_row(host[0].tolist(), acc, sample.device)
+
+    return _ROWS.get((key, sample.device, acc), sample, make, source=table)
 
 
 # --------------------------------------------------------------------------
@@ -364,17 +384,43 @@ def ddim_step(
     )
 
 
+def _forward_rows(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """(T + 1, 9) rows of q(x_t | x_0) for a (T,) ᾱ table: row t + 1 is timestep t, row 0
+    the t < 0 case (ᾱ = 1: x_0 itself)."""
+    ab = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod])
+    return _rows(ab.shape, ab, C_X=ab.sqrt(), C_N=(1 - ab).sqrt())
+
+
 def add_noise(
     original_samples: torch.Tensor,
     noise: torch.Tensor,
     timesteps,
     alphas_cumprod: torch.Tensor,
 ) -> torch.Tensor:
-    """The forward process q(x_t | x_0): sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε, per-sample t."""
-    batch, device = original_samples.shape[0], original_samples.device
-    ab = _gather_alphas(alphas_cumprod, _timesteps("timesteps", timesteps, batch, device), 1.0)
-    coefs = _rows(ab.shape, ab, C_X=ab.sqrt(), C_N=(1 - ab).sqrt())
-    return sampler_step(original_samples, None, coefs, noise=noise)
+    """The forward process q(x_t | x_0): sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε, per-sample t
+    (t < 0: x0).  One pass reading row t of a table made from ``alphas_cumprod`` once
+    and kept while that tensor lives unmodified."""
+    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dim() != 1 \
+            or not alphas_cumprod.is_floating_point() or alphas_cumprod.numel() == 0:
+        raise TypeError("add_noise: alphas_cumprod must be a non-empty 1-D floating-point tensor")
+    x = original_samples
+    t = _timesteps("timesteps", timesteps, x.shape[0], x.device)
+    length = alphas_cumprod.shape[0]
+    # Under torch.compile the table is traced as device ops (the kept tables' bookkeeping
+    # would break the graph) and the timesteps are left to sampler_step's index check.
+    compiling = torch.compiler.is_compiling()
+    if t.device.type == "cpu" and t.numel() and not compiling and int(t.max()) >= length:
+        raise IndexError(f"add_noise: timesteps must be < {length} (the length of "
+                         f"alphas_cumprod), got {int(t.max())}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def make():
+        ab = alphas_cumprod.to(device=x.device, dtype=_coef_dtype(x.device))
+        return _forward_rows(ab).to(acc)
+
+    table = make() if compiling else _TABLES.get(
+        ("add_noise", x.device, acc), x, make, source=alphas_cumprod)
+    return sampler_step(x, None, table, t.clamp(min=-1) + 1, noise=noise)
 
 
 # --------------------------------------------------------------------------
