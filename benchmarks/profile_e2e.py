@@ -24,7 +24,7 @@ import collections
 import time
 
 import torch
-from test_bench_e2e import _models, eager_train_step, fastdiff_train_step
+from test_bench_e2e import NAMES, _models, eager_train_step, fastdiff_train_step
 
 from fastdiff import schedules
 from fastdiff.schedulers import DDIMScheduler
@@ -107,7 +107,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, default=None, help="default: 64 on CUDA, 2 on CPU")
-    p.add_argument("--arch", choices=("v1", "v2"), default="v1")
+    p.add_argument("--arch", choices=("v1", "v2", "diffusers"), default="v1")
     p.add_argument("--impls", default="eager,optimize,fastdiff")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--reps", type=int, default=3)
@@ -116,7 +116,7 @@ def main() -> None:
     batch = a.batch or (64 if device == "cuda" else 2)
     models = _models(device, a.arch)
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; U-Net {a.arch}, batch {batch}")
+    print(f"torch {torch.__version__}, {where}; U-Net {NAMES[a.arch]}, batch {batch}")
     for kind in ("train", "sample"):
         for impl in a.impls.split(","):
             if impl not in models:

@@ -22,6 +22,12 @@ Rows ``unet64v2-*``: the same U-Net with denoising-diffusion-pytorch 2.x's own b
 (RMSNorm over channels in every ``Block``): ``eager``, ``optimize`` (fused RMSNorm +
 scale-shift + SiLU, attention), ``compile`` and ``optimize+compile``.
 
+Rows ``diffusers-cifar10-*``: diffusers' ``UNet2DModel`` in the configuration of
+google/ddpm-cifar10-32 (Ho et al.'s CIFAR-10 model, 35.7M parameters, randomly
+initialised): ``eager``, ``optimize`` (fused GroupNorm+SiLU (+ time embedding) in every
+ResnetBlock2D and the output head, fastdiff attention processor), ``compile`` and
+``optimize+compile``.
+
 Kinds: ``ddim`` (100 DDIM steps on GPU), ``heun`` (18 EDM/Karras Heun steps, 35 model
 calls, on GPU), ``train`` (one forward + backward of the DDPM loss).  On CPU the
 runs are shrunk so they finish (batch 2, 5 DDIM / 3 Heun steps).  ``bytes`` is the
@@ -63,8 +69,16 @@ def _ddpm():
 
 
 CONFIG = dict(dim=64, dim_mults=(1, 2, 4, 8))
+# google/ddpm-cifar10-32's UNet2DModel configuration
+DIFFUSERS_CONFIG = dict(
+    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+)
 IMPLS = ("eager", "optimize", "fastdiff", "compile", "fastdiff+compile", "optimize+compile")
 IMPLS_V2 = ("eager", "optimize", "compile", "optimize+compile")
+NAMES = {"v1": "unet64", "v2": "unet64v2", "diffusers": "diffusers-cifar10"}
 KINDS = ("ddim", "heun", "train")
 CHECK_STEPS = 3  # sampler steps of the agreement check before timing
 
@@ -78,15 +92,35 @@ def _sizes(device):
 _MODELS = {}
 
 
+class _Eps(torch.nn.Module):
+    """A diffusers UNet2DModel called as model(x, t) -> ε, as the samplers here call it."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t):
+        return self.unet(x, t, return_dict=False)[0]
+
+
+def _new_model(arch):
+    if arch == "diffusers":
+        from diffusers import UNet2DModel
+
+        return _Eps(UNet2DModel(**DIFFUSERS_CONFIG))
+    D = _ddpm()
+    blocks = {} if arch == "v2" else {"resnet_block": D.v1_blocks()[1]}
+    return D.Unet(**CONFIG, **blocks)
+
+
 def _models(device, arch="v1"):
     """{"eager", "optimize"[, "fastdiff"]} models with identical weights (built once per
-    device and architecture: "v1" 1.11.1 GroupNorm blocks, "v2" 2.x RMSNorm blocks)."""
+    device and architecture: "v1" 1.11.1 GroupNorm blocks, "v2" 2.x RMSNorm blocks,
+    "diffusers" UNet2DModel)."""
     if (device, arch) not in _MODELS:
-        D = _ddpm()
-        blocks = {} if arch == "v2" else {"resnet_block": D.v1_blocks()[1]}
         torch.manual_seed(0)
-        ref = D.Unet(**CONFIG, **blocks)
-        opt = D.Unet(**CONFIG, **blocks)
+        ref = _new_model(arch)
+        opt = _new_model(arch)
         opt.load_state_dict(ref.state_dict(), strict=True)
         fastdiff.optimize(opt)
         models = [("eager", ref), ("optimize", opt)]
@@ -157,8 +191,8 @@ def fastdiff_train_step(model, x0, ab, noise, t):
     return loss
 
 
-PARAMS = [pytest.param(dev, kind, impl, arch, id=f"{dev}-{kind}-{impl}" + ("-v2" if arch == "v2" else ""))
-          for arch, impls in (("v1", IMPLS), ("v2", IMPLS_V2))
+PARAMS = [pytest.param(dev, kind, impl, arch, id=f"{dev}-{kind}-{impl}" + ("" if arch == "v1" else f"-{arch}"))
+          for arch, impls in (("v1", IMPLS), ("v2", IMPLS_V2), ("diffusers", IMPLS_V2))
           for dev in DEVICES for kind in KINDS for impl in impls]
 PARAMS += [pytest.param(dev, kind, "fastdiff+graph", "v1", id=f"{dev}-{kind}-fastdiff+graph")
            for dev in DEVICES if dev == "cuda" for kind in ("ddim", "heun")]
@@ -244,7 +278,7 @@ def test_e2e(benchmark, device, kind, impl, arch):
     else:
         timed = fn
     timed()  # warm-up (and compilation)
-    name = "unet64" if arch == "v1" else "unet64v2"
+    name = NAMES[arch]
     benchmark.group = f"{device}-float32-{name}-b{shape[0]}-e2e_{kind}"
     benchmark.extra_info.update(device=device, dtype="float32", shape=f"{name}-{'x'.join(map(str, shape))}",
                                 kind=f"e2e_{kind}", impl=impl, bytes=calls * n_params)
