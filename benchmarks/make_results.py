@@ -145,10 +145,12 @@ def render(stored: dict) -> str:
         "scale-shift -> silu.",
         "`compile`: `torch.compile` of eager. `copy`: `out.copy_(x)` of the same size, the",
         "one-read-one-write floor. GB/s counts the bytes the fused pass must move at least.",
+        "`other backends`: the fused op forced onto another fastdiff backend (`fastdiff[cuda]`:",
+        "the CUDA C++ kernels, beside the Triton default), with its speed vs eager.",
         "",
         "| device | dtype | shape | case | fastdiff µs | eager µs | compile µs | copy µs "
-        "| vs eager | vs compile | / copy | GB/s |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs eager | vs compile | / copy | GB/s | other backends µs |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     other = {}
     for (dev, dtype, shape, kind), r in sorted(rows.items()):
@@ -156,10 +158,12 @@ def render(stored: dict) -> str:
             other[(dev, dtype, shape, kind)] = r
             continue
         fd = r["fastdiff"]
+        forced = ", ".join(f"{k[len('fastdiff['):-1]} {v * 1e6:.1f} ({r['eager'] / v:.2f}x)"
+                           for k, v in sorted(r.items()) if k.startswith("fastdiff[")) or "-"
         lines.append(
             f"| {dev} | {dtype} | {shape} | {kind} | {fd * 1e6:.1f} | {r['eager'] * 1e6:.1f} "
             f"| {r['compile'] * 1e6:.1f} | {r['copy'] * 1e6:.1f} | {r['eager'] / fd:.2f}x "
-            f"| {r['compile'] / fd:.2f}x | {fd / r['copy']:.2f} | {r['bytes'] / fd / 1e9:.1f} |"
+            f"| {r['compile'] / fd:.2f}x | {fd / r['copy']:.2f} | {r['bytes'] / fd / 1e9:.1f} | {forced} |"
         )
     lines += ["", "`vs eager` / `vs compile`: their time divided by fastdiff's (higher is better).", ""]
     if other:

@@ -1,6 +1,7 @@
 """The timing body shared by the fused-norm benchmarks (GroupNorm, RMSNorm).
 
-Each case times one of ``fastdiff`` (the fused op), ``eager`` (the plain-torch
+Each case times one of ``fastdiff`` (the fused op; ``fastdiff[cuda]``: forced onto the
+CUDA C++ kernels), ``eager`` (the plain-torch
 sequence it replaces), ``compile`` (torch.compile of eager) or ``copy`` (a
 same-size ``copy_``: the one-read-one-write floor of the forward), forward alone
 or forward + backward (grads of every input).
@@ -22,8 +23,8 @@ def run_norm_case(benchmark, *, kind: str, group: str, shape: str, impl: str, pa
     dy = torch.randn_like(x)
     out = torch.empty_like(x)
 
-    if impl == "fastdiff":  # same numbers as eager before timing anything
-        y_ref, y = fns["eager"](*inputs), fns["fastdiff"](*inputs)
+    if impl.startswith("fastdiff"):  # same numbers as eager before timing anything
+        y_ref, y = fns["eager"](*inputs), fns[impl](*inputs)
         # relative to the largest output: bf16 outputs near 8 are 2**-5 apart
         err = (y.double() - y_ref.double()).abs().max().item() / y_ref.double().abs().max().item()
         assert err < (1e-4 if dtype == torch.float32 else 1e-2), err

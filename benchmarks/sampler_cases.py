@@ -35,6 +35,26 @@ SHAPES = {
 }
 KINDS = ("ddpm", "ddpm_seed", "ddim_cfg", "euler", "heun", "dpmpp_2m", "add_noise")
 IMPLS = ("fastdiff", "eager", "compile", "copy")
+# The fused op forced onto fastdiff's CUDA C++ kernels: on a GPU the default is Triton,
+# and this row says per shape which of the two is faster (skipped where there is no GPU
+# or fastdiff._C was built without CUDA).
+CUDA_CPP = "fastdiff[cuda]"
+
+
+def cuda_cpp_skip_reason(device: str):
+    """Why the ``fastdiff[cuda]`` row cannot run on ``device`` (None: it can)."""
+    if device != "cuda":
+        return "the CUDA C++ kernels run on CUDA tensors only"
+    return fastdiff.backends()["cuda"]
+
+
+def on_backend(fn: Callable, name: str) -> Callable:
+    """fn run with fastdiff's backend forced to ``name`` (the backward too: the forward
+    records it for autograd)."""
+    def run(*args, **kwargs):
+        with fastdiff.use_backend(name):
+            return fn(*args, **kwargs)
+    return run
 
 
 @dataclass
@@ -177,12 +197,13 @@ def build(kind: str, shape, device: str, dtype: torch.dtype) -> Case:
     return Case(fns=fns, bytes_moved=moved)
 
 
-def check_agreement(case: Case, kind: str) -> None:
-    """The three implementations compute the same update (seeded noise aside)."""
+def check_agreement(case: Case, kind: str, impl: str = "fastdiff") -> None:
+    """``impl`` computes eager's update (seeded noise aside); for ``fastdiff``,
+    ``compile`` is checked too."""
     if kind == "ddpm_seed":
         return
     ref = case.fns["eager"]()
-    for name in ("fastdiff", "compile"):
+    for name in ("fastdiff", "compile") if impl == "fastdiff" else (impl,):
         got = case.fns[name]()
         err = (got.double() - ref.double()).abs().max().item() / ref.double().abs().max().item()
         # fp16/bf16 steps: eager promotes to fp32 through the fp32 tables, fastdiff

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from norm_cases import run_norm_case
-from sampler_cases import DEVICES
+from sampler_cases import CUDA_CPP, DEVICES, cuda_cpp_skip_reason, on_backend
 
 import fastdiff
 
@@ -47,10 +47,12 @@ def compiled():
     return torch.compile(eager, dynamic=False)
 
 
-@pytest.mark.parametrize("impl", ["fastdiff", "eager", "compile", "copy"])
+@pytest.mark.parametrize("impl", ["fastdiff", "eager", "compile", "copy", CUDA_CPP])
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("device, dtype, shape", PARAMS)
 def test_group_norm_silu(benchmark, device, dtype, shape, pass_, impl):
+    if impl == CUDA_CPP and cuda_cpp_skip_reason(device):
+        pytest.skip(cuda_cpp_skip_reason(device))
     n, c, h, w_ = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, c, h, w_, generator=g).to(device=device, dtype=dtype)
@@ -58,5 +60,6 @@ def test_group_norm_silu(benchmark, device, dtype, shape, pass_, impl):
     b = (0.1 * torch.randn(c, generator=g)).to(device=device, dtype=dtype)
     emb = torch.randn(n, c, generator=g).to(device=device, dtype=dtype)
     run_norm_case(benchmark, kind="group_norm_silu", group="gn", shape=shape, impl=impl, pass_=pass_,
-                  device=device, dtype=dtype, fns={"fastdiff": fused, "eager": eager, "compile": compiled()},
+                  device=device, dtype=dtype, fns={"fastdiff": fused, "eager": eager, "compile": compiled(),
+                       CUDA_CPP: on_backend(fused, "cuda")},
                   inputs=(x, w, b, emb), rounds=100 if device == "cuda" else (3 if "vae" in shape else 10))

@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from sampler_cases import DEVICES, IMPLS, KINDS, SHAPES, build, check_agreement
+from sampler_cases import (
+    CUDA_CPP,
+    DEVICES,
+    IMPLS,
+    KINDS,
+    SHAPES,
+    build,
+    check_agreement,
+    cuda_cpp_skip_reason,
+    on_backend,
+)
 
 # fp32 everywhere; fp16 too on GPU, where samplers often keep latents in half.
 PARAMS = [
@@ -13,13 +23,17 @@ PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + (CUDA_CPP,))
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("device, dtype, shape", PARAMS)
 def test_sampler_step(benchmark, device, dtype, shape, kind, impl):
+    if impl == CUDA_CPP and cuda_cpp_skip_reason(device):
+        pytest.skip(cuda_cpp_skip_reason(device))
     case = build(kind, SHAPES[shape], device, dtype)
-    if impl == "fastdiff":
-        check_agreement(case, kind)
+    if impl == CUDA_CPP:
+        case.fns[CUDA_CPP] = on_backend(case.fns["fastdiff"], "cuda")
+    if impl in ("fastdiff", CUDA_CPP):
+        check_agreement(case, kind, impl)
     fn = case.fns[impl]
     if device == "cuda":
         def timed():
