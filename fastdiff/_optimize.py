@@ -414,7 +414,9 @@ def _resnet_block_2d_forward(self, input_tensor: torch.Tensor, temb: torch.Tenso
             input_tensor = input_tensor.contiguous()
         input_tensor = self.conv_shortcut(input_tensor)
 
-    output_tensor = (input_tensor + hidden_states) / self.output_scale_factor
+    output_tensor = input_tensor + hidden_states
+    if self.output_scale_factor != 1.0:  # x / 1.0 is x exactly: one pass over h saved
+        output_tensor = output_tensor / self.output_scale_factor
 
     return output_tensor
 
