@@ -58,6 +58,7 @@ from torch import nn
 
 from . import ops
 from .ops import steps
+from .reference import opmath_dtype
 from .reference.sampler_step import C_M, C_N, C_X, NUM_COEFS
 from .schedules import karras_sigmas
 
@@ -243,7 +244,7 @@ def _trange(n: int, disable: Optional[bool]):
 def _coef_row(x: torch.Tensor, **cols: float) -> torch.Tensor:
     """One coefficient row (1, 9) on x's device in x's arithmetic dtype, built
     with fills only (no host-to-device copy, so it can be captured)."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = opmath_dtype(x.dtype)
     index = {"C_X": C_X, "C_M": C_M, "C_N": C_N}
     values = [0.0] * NUM_COEFS
     for name, value in cols.items():

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .reference import opmath_dtype
 from .reference.sampler_step import A_N, A_X, C_M, C_N, C_X, NUM_COEFS
 
 __all__ = [
@@ -164,7 +165,7 @@ def ddpm_loss(
         target = noise if objective == "eps" else x0
 
     pred = _model_output(model(x_t, timesteps, **({} if model_kwargs is None else model_kwargs)))
-    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    acc = opmath_dtype(pred.dtype)
     per_sample = (pred.to(acc) - target.to(acc)).square().flatten(1).mean(1)
     if min_snr_gamma is not None:
         snr = ab_t / (1 - ab_t)

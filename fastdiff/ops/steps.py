@@ -21,6 +21,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..reference import opmath_dtype
 from ..reference.sampler_step import A_M, A_N, A_X, C_0, C_M, C_N, C_P, C_Q, C_X, NUM_COEFS
 from .sampler_step import sampler_step
 
@@ -197,7 +198,7 @@ def _row_for_numbers(sample: torch.Tensor, key: tuple, build,
     (1, 9) float64 CPU tensor; the result is in the sample's opmath dtype on its device
     (what sampler_step reads without a conversion), kept in ``_ROWS`` (for ``table``,
     the CPU ᾱ table it was read from, while that table lives unmodified)."""
-    acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    acc = opmath_dtype(sample.dtype)
 
     def make():
         host = build()
@@ -412,7 +413,7 @@ def add_noise(
     if t.device.type == "cpu" and t.numel() and not compiling and int(t.max()) >= length:
         raise IndexError(f"add_noise: timesteps must be < {length} (the length of "
                          f"alphas_cumprod), got {int(t.max())}")
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = opmath_dtype(x.dtype)
 
     def make():
         ab = alphas_cumprod.to(device=x.device, dtype=_coef_dtype(x.device))

@@ -29,12 +29,10 @@ from typing import Optional
 
 import torch
 
+from . import opmath_dtype
+
 # Scores materialised at once by the chunked reference (64 MiB in fp32).
 ELEMS_PER_CHUNK = 1 << 24
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def default_scale(head_dim: int) -> float:

@@ -23,11 +23,9 @@ from typing import Optional
 
 import torch
 
+from . import opmath_dtype
+
 ACTIVATIONS = ("silu", None)
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _per_channel(t: Optional[torch.Tensor], x: torch.Tensor, acc) -> Optional[torch.Tensor]:

@@ -41,9 +41,7 @@ from typing import Optional
 
 import torch
 
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from . import opmath_dtype
 
 
 def default_scale(q: torch.Tensor) -> float:

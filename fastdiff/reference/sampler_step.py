@@ -24,17 +24,13 @@ from typing import Optional
 
 import torch
 
+from . import opmath_dtype
 from .philox import philox_normal
 
 # Column order of the coefficient table; the Triton, C++ and CUDA kernels use
 # the same order (csrc/sampler_step.h).
 A_X, A_M, A_N, C_X, C_M, C_0, C_P, C_Q, C_N = range(9)
 NUM_COEFS = 9
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype arithmetic runs in: fp64 for fp64, fp32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def noise_from_seed(seed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

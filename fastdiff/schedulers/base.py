@@ -42,6 +42,7 @@ import torch
 
 from .. import schedules
 from ..ops import sampler_step
+from ..reference import opmath_dtype
 from ..reference import sampler_step as _columns
 from ..reference.sampler_step import A_M, A_N, A_X, C_0, C_M, C_P, NUM_COEFS
 
@@ -239,7 +240,7 @@ class CoefTable:
 
     def on(self, device: torch.device, sample_dtype: torch.dtype) -> torch.Tensor:
         """The table in the dtype the op computes in for ``sample_dtype``, on ``device``."""
-        dtype = torch.float64 if sample_dtype == torch.float64 else torch.float32
+        dtype = opmath_dtype(sample_dtype)
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             # set_timesteps(device="cuda") and a sample on cuda:0 must share one
