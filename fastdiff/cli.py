@@ -297,8 +297,67 @@ def _eager_attention(q, k, v):
     return attn @ v
 
 
+# The U-Net rows: diffusers' UNet2DModel in google/ddpm-cifar10-32's configuration (Ho et
+# al.'s CIFAR-10 model, randomly initialised), or a small one for --tiny.
+UNET_CONFIG = dict(
+    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+)
+TINY_UNET_CONFIG = dict(
+    sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=8,
+    block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+)
+
+
+def _unet_cases(device: str, dtype: torch.dtype, size: str, rnd) -> list:
+    """A sampling step (no grad) and a training step (forward + backward) of diffusers'
+    UNet2DModel: eager, ``fastdiff.optimize`` of a copy with the same weights, and
+    torch.compile of the eager model.  None where diffusers is not installed."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        return []
+    import copy
+
+    from ._optimize import optimize
+
+    config = TINY_UNET_CONFIG if size == "tiny" else UNET_CONFIG
+    batch = 2 if size == "tiny" or device != "cuda" else 64
+    torch.manual_seed(0)
+    eager = UNet2DModel(**config).to(device)
+    if dtype != torch.float32:
+        eager = eager.to(dtype)
+    fused = optimize(copy.deepcopy(eager))
+    n = config["sample_size"]
+    x, noise = rnd(batch, 3, n, n), rnd(batch, 3, n, n)
+    t = torch.randint(0, 1000, (batch,)).to(device)
+    label = f"{batch}x3x{n}x{n}"
+
+    @torch.no_grad()
+    def sample_step(model):
+        return model(x, t, return_dict=False)[0]
+
+    def train_step(model):
+        model.zero_grad(set_to_none=True)
+        F.mse_loss(model(x, t, return_dict=False)[0], noise).backward()
+
+    cases = []
+    for op, step in (("unet sample step", sample_step), ("unet train step", train_step)):
+        cases.append((op, label, {
+            "fastdiff": lambda s=step: s(fused),
+            "eager": lambda s=step: s(eager),
+            "compile": (eager, lambda compiled, s=step: lambda: s(compiled)),
+        }))
+    return cases
+
+
 def bench_cases(device: str, dtype: torch.dtype, size: str):
-    """[(op, shape label, {impl: fn}, reference impl)] for ``size`` in tiny | quick | full."""
+    """[(op, shape label, {impl: fn})] for ``size`` in tiny | quick | full.  A
+    ``compile`` entry is (what to compile, args) -- the compiled callable is called with
+    args -- or (a model, make) -- make(compiled model) is the timed function."""
     from . import ops, schedules
 
     g = torch.Generator().manual_seed(0)
@@ -330,7 +389,7 @@ def bench_cases(device: str, dtype: torch.dtype, size: str):
         cases.append(("ddim step", "x".join(map(str, shape)), {
             "fastdiff": lambda x=x, e=eps, c=coefs: ops.sampler_step(x, e, c, clip_range=(-1, 1)),
             "eager": lambda x=x, e=eps, a=ab_t, p=ab_prev: _eager_ddim(x, e, a, p),
-            "compile": ("_eager_ddim", (x, eps, ab_t, ab_prev)),
+            "compile": (_eager_ddim, (x, eps, ab_t, ab_prev)),
         }))
     for shape in gn_shapes:
         x = rnd(*shape)
@@ -341,7 +400,7 @@ def bench_cases(device: str, dtype: torch.dtype, size: str):
             "fastdiff": lambda x=x, w=w, b=b, sc=sc, sh=sh, gr=groups: ops.group_norm_silu(
                 x, gr, w, b, scale=sc, shift=sh),
             "eager": lambda x=x, w=w, b=b, sc=sc, sh=sh, gr=groups: _eager_gn_silu(x, w, b, sc, sh, gr),
-            "compile": ("_eager_gn_silu", (x, w, b, sc, sh, groups)),
+            "compile": (_eager_gn_silu, (x, w, b, sc, sh, groups)),
         }))
     try:
         from .ops.attention import attention as fd_attention
@@ -351,12 +410,12 @@ def bench_cases(device: str, dtype: torch.dtype, size: str):
         q, k, v = rnd(*shape), rnd(*shape), rnd(*shape)
         fns = {
             "eager": lambda q=q, k=k, v=v: _eager_attention(q, k, v),
-            "compile": ("_eager_attention", (q, k, v)),
+            "compile": (_eager_attention, (q, k, v)),
         }
         if fd_attention is not None:
             fns["fastdiff"] = lambda q=q, k=k, v=v: fd_attention(q, k, v)
         cases.append(("attention", "x".join(map(str, shape)), fns))
-    return cases
+    return cases + _unet_cases(device, dtype, size, rnd)
 
 
 def bench(device: Optional[str] = None, dtype: str = "fp32", size: str = "quick", compile: bool = True,
@@ -381,10 +440,11 @@ def bench(device: Optional[str] = None, dtype: str = "fp32", size: str = "quick"
                 row[impl] = None
                 continue
             if impl == "compile":
-                name, args = fn
-                if name not in compiled:
-                    compiled[name] = torch.compile(globals()[name], dynamic=False)
-                fn = (lambda c, a: lambda: c(*a))(compiled[name], args)
+                target, args = fn
+                if target not in compiled:
+                    compiled[target] = torch.compile(target, dynamic=False)
+                fn = (args(compiled[target]) if callable(args)
+                      else (lambda c, a: lambda: c(*a))(compiled[target], args))
             try:
                 row[impl] = _timeit(fn, device, reps, warmup)
             except Exception as e:  # noqa: BLE001 -- a missing backend must not kill the table
