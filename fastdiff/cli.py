@@ -2,7 +2,9 @@
 
     python -m fastdiff bench  [--full] [--device cuda] [--dtype fp16] [--no-compile]
         the fastdiff-vs-eager-vs-torch.compile table of the main ops (fused sampler
-        step, group_norm_silu, attention) on this machine, with a progress bar.
+        step, group_norm_silu, attention) and, with diffusers installed, of a sampling
+        and a training step of its UNet2DModel (eager vs fastdiff.optimize) on this
+        machine, with a progress bar.
     python -m fastdiff sample [--sampler ddim|heun|dpmpp_2m] [--steps 50] [--n 64] [--seed 0] [--out samples.png]
         samples the demo model (a small fastdiff.nn.UNet trained on scikit-learn's
         digits, weights in fastdiff/assets/digits_unet.pt) and writes an image grid PNG.
