@@ -39,6 +39,17 @@ def round_to(v, dtype: tl.constexpr):
     return v.to(dtype)
 
 
+def cdiv(x: int, y: int) -> int:
+    """``triton.cdiv`` for the launchers' host arithmetic: in recent Triton releases that
+    is a constexpr-function wrapper costing ~1.6 µs per call; this is plain Python."""
+    return (x + y - 1) // y
+
+
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` (0 for 0) in plain Python (see :func:`cdiv`)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def scalar_arg(v: Optional[float], fp64: bool):
     """A float for a kernel: as is for fp32 opmath, its int64 bit pattern for
     fp64 (Triton would pass a Python float as fp32); 0 when absent (unread)."""

@@ -70,7 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard, round_to
+from ._common import cdiv, device_guard, next_power_of_2, round_to
 from .._alloc import empty, empty_like
 from .._backend import triton_interpret
 
@@ -132,7 +132,7 @@ del _C
 
 def block_d(head_dim: int) -> int:
     """Padded head dim BD: next power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def configs_for(head_dim: int, dtype: torch.dtype) -> tuple[Config, Config, Config]:
@@ -487,7 +487,7 @@ def attention_fwd_triton(q, k, v, scale: float, o, lse, *, config: Optional[Conf
     b, h, nq, d = q.shape
     cfg = config or configs_for(d, q.dtype)[0]
     a = _align(q, k, v, o)
-    grid = (b * h * triton.cdiv(nq, cfg.block_m),)
+    grid = (b * h * cdiv(nq, cfg.block_m),)
     with device_guard(q):
         attention_fwd_kernel[grid](
             q, k, v, o, lse, scale,
@@ -514,12 +514,12 @@ def attention_bwd_triton(do, q, k, v, o, lse, scale: float, dq, dk, dv, *,
     a = _align(q, k, v, do, o, *((dk_, dv_) if want_kv else ()), *((dq,) if dq is not None else ()))
     flags = dict(D=d, BD=block_d(d), A=a, FP32=_fp32_dots(q.dtype), INTERPRET=triton_interpret())
     with device_guard(q):
-        attention_bwd_kernel_delta[(b * h * triton.cdiv(nq, DELTA_BLOCK_M),)](
+        attention_bwd_kernel_delta[(b * h * cdiv(nq, DELTA_BLOCK_M),)](
             o, do, delta, *_strides(o, a), *_strides(do, a), h, nq,
             D=d, BD=block_d(d), BM=DELTA_BLOCK_M, A=a,
         )
         if want_kv:
-            attention_bwd_kernel_dkdv[(b * h * triton.cdiv(nk, cfg_kv.block_n),)](
+            attention_bwd_kernel_dkdv[(b * h * cdiv(nk, cfg_kv.block_n),)](
                 q, k, v, do, lse, delta, dk_, dv_, scale,
                 *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(do, a),
                 *_strides(dk_, a), *_strides(dv_, a),
@@ -527,7 +527,7 @@ def attention_bwd_triton(do, q, k, v, o, lse, scale: float, dq, dk, dv, *,
                 num_warps=cfg_kv.num_warps, num_stages=cfg_kv.num_stages,
             )
         if dq is not None:
-            attention_bwd_kernel_dq[(b * h * triton.cdiv(nq, cfg_q.block_m),)](
+            attention_bwd_kernel_dq[(b * h * cdiv(nq, cfg_q.block_m),)](
                 q, k, v, do, lse, delta, dq, scale,
                 *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(do, a), *_strides(dq, a),
                 h, nq, nk, BM=cfg_q.block_m, BN=cfg_q.block_n, **flags,

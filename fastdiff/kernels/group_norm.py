@@ -62,7 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_layout, device_guard, opmath_scalar, round_to, scalar_arg
+from ._common import (cdiv, check_layout, device_guard, next_power_of_2, opmath_scalar, round_to,
+                      scalar_arg)
 from .._alloc import empty
 
 __all__ = [
@@ -754,12 +755,12 @@ def plan_for(n: int, g: int, d: int, s: int, nbytes: int, num_sms: int, fused_ma
     """The path for N = n, G = g, D = d, S = s (x of ``nbytes`` bytes) on a
     device with ``num_sms`` SMs, fusing groups of up to ``fused_max`` padded
     elements (see the module docstring)."""
-    bd_all, bs_all = triton.next_power_of_2(d), triton.next_power_of_2(s)
+    bd_all, bs_all = next_power_of_2(d), next_power_of_2(s)
     if bd_all * bs_all <= fused_max and (n * g >= num_sms or nbytes <= SMALL_BYTES):
         return Plan(True, 1, bd_all, bs_all, _warps(bd_all * bs_all))
     chunks = 1
     if n * g < PROGRAMS_PER_SM * num_sms:
-        chunks = min(triton.cdiv(PROGRAMS_PER_SM * num_sms, n * g), (d * s) // SPLIT_MIN_ELEMS)
+        chunks = min(cdiv(PROGRAMS_PER_SM * num_sms, n * g), (d * s) // SPLIT_MIN_ELEMS)
     chunks = max(1, min(chunks, MAX_CHUNKS, s))
     bd = min(bd_all, MAX_BLOCK_D)
     bs = min(bs_all, max(1, TILE // bd))
@@ -768,14 +769,14 @@ def plan_for(n: int, g: int, d: int, s: int, nbytes: int, num_sms: int, fused_ma
 
 def _chunking(s: int, plan: Plan) -> tuple[int, int]:
     """(CS, K): positions per chunk, a whole number of tiles, and chunk count."""
-    cs = triton.cdiv(triton.cdiv(s, max(1, plan.chunks)), plan.block_s) * plan.block_s
-    return cs, triton.cdiv(s, cs)
+    cs = cdiv(cdiv(s, max(1, plan.chunks)), plan.block_s) * plan.block_s
+    return cs, cdiv(s, cs)
 
 
 def _block_k(k: int, plan: Plan, budget: int) -> int:
     """Rows of the partials tile: ``budget`` elements (or the plan's choice), at most K."""
     bk = plan.block_k or max(1, budget)
-    return min(triton.next_power_of_2(k), triton.next_power_of_2(bk))
+    return min(next_power_of_2(k), next_power_of_2(bk))
 
 
 def _dims(x: torch.Tensor, num_groups: int) -> tuple[int, int, int, int, int]:

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard, round_to
+from ._common import cdiv, device_guard, next_power_of_2, round_to
 from .._alloc import empty
 
 __all__ = [
@@ -510,7 +510,7 @@ class Plan:
 
 
 def _block(n: int) -> int:
-    return max(MIN_BLOCK, triton.next_power_of_2(n))
+    return max(MIN_BLOCK, next_power_of_2(n))
 
 
 @functools.lru_cache(maxsize=None)
@@ -525,20 +525,20 @@ def plan_for(bh: int, d: int, e: int, n: int, num_sms: int, elem_size: int = 4) 
     of Nq, Nk) of ``elem_size``-byte inputs on a device with ``num_sms`` SMs
     (see the module docstring)."""
     bd, be = _block(d), _block(e)
-    block_n = max(MIN_BLOCK, min(MAX_BLOCK_N, TILE // max(bd, be), triton.next_power_of_2(n)))
+    block_n = max(MIN_BLOCK, min(MAX_BLOCK_N, TILE // max(bd, be), next_power_of_2(n)))
     while block_n > MIN_BLOCK and (bd + be) * block_n * elem_size > MAX_STAGE_BYTES:
         block_n //= 2
-    tiles = triton.cdiv(n, block_n)
+    tiles = cdiv(n, block_n)
     chunks = 1
     if bh < PROGRAMS_PER_SM * num_sms:
-        chunks = min(triton.cdiv(PROGRAMS_PER_SM * num_sms, bh), triton.cdiv(tiles, MIN_TILES_PER_CHUNK))
+        chunks = min(cdiv(PROGRAMS_PER_SM * num_sms, bh), cdiv(tiles, MIN_TILES_PER_CHUNK))
     return Plan(block_n, max(1, chunks), 4 if bd * be <= 64 * 64 else 8)
 
 
 def _chunking(n: int, plan: Plan) -> tuple[int, int]:
     """(CN, K): positions per chunk, a whole number of tiles, and chunk count."""
-    cn = triton.cdiv(triton.cdiv(n, plan.chunks), plan.block_n) * plan.block_n
-    return cn, triton.cdiv(n, cn)
+    cn = cdiv(cdiv(n, plan.chunks), plan.block_n) * plan.block_n
+    return cn, cdiv(n, cn)
 
 
 def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Optional[Plan]) -> Plan:
@@ -573,7 +573,7 @@ def linear_attention_fwd_triton(q, k, v, alpha, out, context, lse, *,
         )
         if chunks > 1:
             linear_attention_fwd_kernel_combine[(b * h,)](ws, context, lse, d, e, chunks, **kw)
-        linear_attention_fwd_kernel_output[(b * h, triton.cdiv(nq, bn))](
+        linear_attention_fwd_kernel_output[(b * h, cdiv(nq, bn))](
             q, context, out, alpha, *q.stride(), h, d, e, nq, BN=bn, **kw,
         )
 
@@ -599,7 +599,7 @@ def linear_attention_bwd_triton(do, q, k, v, context, lse, alpha, dq, dk, dv, *,
         )
         if chunks > 1:
             linear_attention_bwd_kernel_combine[(b * h,)](ws, context, dcontext, r, alpha, d, e, chunks, **kw)
-        linear_attention_bwd_kernel_dqkv[(b * h, triton.cdiv(max(nq, nk), bn))](
+        linear_attention_bwd_kernel_dqkv[(b * h, cdiv(max(nq, nk), bn))](
             q, k, v, do, context, lse, dcontext, r,
             q if dq is None else dq, k if dk is None else dk, v if dv is None else dv, alpha,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), h, d, e, nq, nk,

@@ -49,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_layout, device_guard, opmath_scalar, round_to, scalar_arg
+from ._common import (cdiv, check_layout, device_guard, next_power_of_2, opmath_scalar, round_to,
+                      scalar_arg)
 from .group_norm import _act, _act_grad
 from .._alloc import empty
 
@@ -390,7 +391,7 @@ def _warps(tile: int) -> int:
 
 def plan_for(c: int, s: int, channels_last: bool) -> Plan:
     """The path for C = c channels and S = s positions (see the module docstring)."""
-    bc_all, bs = triton.next_power_of_2(c), triton.next_power_of_2(s)
+    bc_all, bs = next_power_of_2(c), next_power_of_2(s)
     if bc_all <= MAX_ONE_TILE_C:
         bp = min(bs, max(1 if channels_last else MIN_BLOCK_P, TILE // bc_all))
         return Plan(True, bc_all, bp, _warps(bc_all * bp))
@@ -415,7 +416,7 @@ def rms_norm_silu_fwd_triton(x, weight, scale, shift, eps, act, y, rstd, *,
     fp64 = rstd.dtype == torch.float64
     params = [rstd if t is None else t for t in (weight, scale, shift)]
     with device_guard(x):
-        rms_norm_fwd_kernel[(n, triton.cdiv(s, plan.block_p))](
+        rms_norm_fwd_kernel[(n, cdiv(s, plan.block_p))](
             x, *params, y, rstd, scalar_arg(eps, fp64), scalar_arg(math.sqrt(c), fp64), c, s,
             HAS_WEIGHT=weight is not None, HAS_SCALE=scale is not None,
             HAS_SHIFT=shift is not None, SILU=act == "silu", CHANNELS_LAST=cl, FP64=fp64,
@@ -434,7 +435,7 @@ def rms_norm_silu_bwd_triton(dy, x, weight, scale, shift, rstd, eps, act,
         assert plan.block_c >= c, plan
     acc = rstd.dtype
     fp64 = acc == torch.float64
-    k = triton.cdiv(s, plan.block_p)
+    k = cdiv(s, plan.block_p)
     sums = dweight is not None or dscale is not None or dshift is not None
     # (2, N, K, C) block partials of S1, S2; a dummy pointer when unused
     ws = empty(2, n, k, c, dtype=acc, device=x.device) if sums else rstd
@@ -457,9 +458,9 @@ def rms_norm_silu_bwd_triton(dy, x, weight, scale, shift, rstd, eps, act,
         dwp = dweight
         if dweight is not None and n > 1:
             dwp = empty(n, c, dtype=acc, device=x.device)
-        bc = min(triton.next_power_of_2(c), COMBINE_BLOCK_C)
-        bk = min(triton.next_power_of_2(k), plan.block_k or max(1, TILE // bc))
-        rms_norm_bwd_kernel_combine[(n, triton.cdiv(c, bc))](
+        bc = min(next_power_of_2(c), COMBINE_BLOCK_C)
+        bk = min(next_power_of_2(k), plan.block_k or max(1, TILE // bc))
+        rms_norm_bwd_kernel_combine[(n, cdiv(c, bc))](
             ws, *params[:2], *(rstd if t is None else t for t in (dwp, dscale, dshift)), root_c,
             c, k, n * k * c,
             **flags, STORE_DW=dwp is not None, STORE_DSCALE=dscale is not None,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_guard, opmath_scalar, round_to, scalar_arg
+from ._common import cdiv, device_guard, next_power_of_2, opmath_scalar, round_to, scalar_arg
 from ..reference import philox as ref_philox
 from ..reference import sampler_step as ref
 
@@ -217,8 +217,8 @@ def sampler_step_fwd_kernel(
 def _tile(batch: int, per_sample: int) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_F, num_warps): BLOCK_F covers a sample up to BLOCK
     elements and BLOCK_B fills the rest of the tile with samples."""
-    block_f = min(triton.next_power_of_2(per_sample), BLOCK)
-    block_b = min(BLOCK // block_f, triton.next_power_of_2(batch))
+    block_f = min(next_power_of_2(per_sample), BLOCK)
+    block_b = min(BLOCK // block_f, next_power_of_2(batch))
     num_warps = max(1, min(NUM_WARPS, block_b * block_f // 512))
     return block_b, block_f, num_warps
 
@@ -235,9 +235,9 @@ def sampler_step_triton(*, out, x0_out, x, model_output, coefs, index, prev, pre
     batch = out.shape[0]
     per_sample = n // batch
     block_b, block_f, num_warps = _tile(batch, per_sample)
-    tiles = triton.cdiv(batch, block_b)
-    grid = (triton.cdiv(per_sample, block_f), min(tiles, MAX_GRID_1),
-            triton.cdiv(tiles, MAX_GRID_1))
+    tiles = cdiv(batch, block_b)
+    grid = (cdiv(per_sample, block_f), min(tiles, MAX_GRID_1),
+            cdiv(tiles, MAX_GRID_1))
     fp64 = coefs.dtype == torch.float64
     with device_guard(out):
         sampler_step_fwd_kernel[grid](
