@@ -46,6 +46,7 @@ from test_bench_sampling import kd_sample_heun
 
 import fastdiff
 from fastdiff import schedules
+from fastdiff.cli import UNET_CONFIG as DIFFUSERS_CONFIG  # google/ddpm-cifar10-32
 from fastdiff.cli import _EpsDenoiser
 from fastdiff.nn.unet import UNet
 from fastdiff.sampling import capture, get_sigmas_karras, sample_heun
@@ -69,13 +70,6 @@ def _ddpm():
 
 
 CONFIG = dict(dim=64, dim_mults=(1, 2, 4, 8))
-# google/ddpm-cifar10-32's UNet2DModel configuration
-DIFFUSERS_CONFIG = dict(
-    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-    block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-)
 IMPLS = ("eager", "optimize", "fastdiff", "compile", "fastdiff+compile", "optimize+compile")
 IMPLS_V2 = ("eager", "optimize", "compile", "optimize+compile")
 NAMES = {"v1": "unet64", "v2": "unet64v2", "diffusers": "diffusers-cifar10"}

@@ -317,7 +317,7 @@ TINY_UNET_CONFIG = dict(
 def _unet_cases(device: str, dtype: torch.dtype, size: str, rnd) -> list:
     """A sampling step (no grad) and a training step (forward + backward) of diffusers'
     UNet2DModel: eager, ``fastdiff.optimize`` of a copy with the same weights, and
-    torch.compile of the eager model.  None where diffusers is not installed."""
+    torch.compile of the eager model.  No cases where diffusers is not installed."""
     try:
         from diffusers import UNet2DModel
     except ImportError:
