@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops.steps import _coef_dtype
 from .reference import opmath_dtype
 from .reference.sampler_step import A_N, A_X, C_M, C_N, C_X, NUM_COEFS
 
@@ -151,9 +152,10 @@ def ddpm_loss(
     elif isinstance(timesteps, int):
         timesteps = torch.full((batch,), timesteps, dtype=torch.int64, device=device)
     timesteps = timesteps.to(device)
-    # Schedule values in float64 (float32 on MPS, which lacks it), as the ops do.
-    coef_dtype = torch.float32 if device.type == "mps" else torch.float64
-    ab_t = ab.to(device=device, dtype=coef_dtype)[timesteps]
+    if objective == "v" or min_snr_gamma is not None:
+        # Schedule values in the ops' coefficient dtype (float64; float32 on MPS).  The
+        # ε / x0 objectives without weighting need none: add_noise keeps its own table.
+        ab_t = ab.to(device=device, dtype=_coef_dtype(device))[timesteps]
 
     if objective == "v":
         a, s = ab_t.sqrt(), (1 - ab_t).sqrt()
