@@ -55,7 +55,9 @@ denoising-diffusion-pytorch's ``Block`` is fused in both generations: 1.x
 normalises with ``GroupNorm`` (-> :func:`fastdiff.ops.group_norm_silu`), 2.x with
 an RMSNorm over channels (``F.normalize(x, dim=1) * g * sqrt(C)`` ->
 :func:`fastdiff.ops.rms_norm_silu`); the standalone RMSNorms around its attention blocks
-become ``rms_norm_silu(act=None)`` calls.
+become ``rms_norm_silu(act=None)`` calls (2.x's, and 1.x's, which takes sqrt(C) from x
+in its forward instead of a ``scale`` attribute).  Both generations are tested against
+the released packages (2.3.4 and 1.11.1: tests/test_ddpm_package.py).
 
 Limitations: a rebound ``forward`` is a bound
 method in the instance's ``__dict__``: ``copy.deepcopy`` handles it, pickling
@@ -76,6 +78,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .nn.group_norm import GroupNorm as _FastGroupNorm
@@ -486,14 +489,45 @@ class DiffusersAttention(Patcher):
 # --------------------------------------------------------------------------
 
 
-def _ddpm_rms_norm(m) -> bool:
-    """denoising-diffusion-pytorch 2.x's ``RMSNorm``: ``F.normalize(x, dim=1) * g * scale``
-    with ``g`` of shape (1, C, 1, 1) and ``scale = C ** 0.5`` (what rms_norm_silu computes)."""
-    if not (type(m).__name__ == "RMSNorm" and re.fullmatch(_DDPM_UNET, type(m).__module__ or "")):
-        return False
+# 1.x's RMSNorm.forward: the same function, with sqrt(C) taken from x in the forward
+_RMS_V1_SOURCE = re.compile(
+    r"return\s+F\.normalize\(\s*x\s*,\s*dim\s*=\s*1\s*\)\s*\*\s*self\.g\s*\*\s*"
+    r"\(\s*x\.shape\[1\]\s*\*\*\s*0\.5\s*\)\s*$")
+_RMS_V1_FORWARDS: dict[type, bool] = {}
+
+
+def _ddpm_rms_norm_release(m) -> Optional[int]:
+    """2 for denoising-diffusion-pytorch 2.x's ``RMSNorm`` (``F.normalize(x, dim=1) * g *
+    scale`` with ``scale = C ** 0.5`` set in ``__init__``), 1 for 1.x's (``F.normalize(x,
+    dim=1) * g * (x.shape[1] ** 0.5)``, no ``scale``), None otherwise; ``g`` of shape
+    (1, C, 1, 1) in both (what rms_norm_silu computes)."""
+    cls = type(m)
+    if not (cls.__name__ == "RMSNorm" and re.fullmatch(_DDPM_UNET, cls.__module__ or "")):
+        return None
     g = m._parameters.get("g")
-    return (g is not None and g.dim() == 4 and g.shape[0] == 1 and tuple(g.shape[2:]) == (1, 1)
-            and getattr(m, "scale", None) == g.shape[1] ** 0.5)
+    if g is None or g.dim() != 4 or g.shape[0] != 1 or tuple(g.shape[2:]) != (1, 1):
+        return None
+    if "scale" in m.__dict__:
+        return 2 if m.scale == g.shape[1] ** 0.5 else None
+    if cls not in _RMS_V1_FORWARDS:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        _RMS_V1_FORWARDS[cls] = bool(_RMS_V1_SOURCE.search(src.strip()))
+    return 1 if _RMS_V1_FORWARDS[cls] else None
+
+
+def _ddpm_rms_norm(m) -> bool:
+    return _ddpm_rms_norm_release(m) is not None
+
+
+def _ddpm_rms_norm_v1_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """1.x ``RMSNorm.forward`` as one ``rms_norm_silu(act=None)`` call where x has g's
+    channels and dtype (else the library's line: it broadcasts or promotes)."""
+    if x.dim() < 2 or x.shape[1] != self.g.shape[1] or self.g.dtype != x.dtype:
+        return F.normalize(x, dim=1) * self.g * (x.shape[1] ** 0.5)
+    return rms_norm_silu(x, self.g.reshape(-1), act=None)
 
 
 def _ddpm_block_forward(self, x: torch.Tensor, scale_shift=None) -> torch.Tensor:
@@ -562,7 +596,8 @@ class DDPMRMSNorm(Patcher):
         if "forward" in module.__dict__:
             return "its forward is already replaced on the instance"
         if not _ddpm_rms_norm(module):
-            return "not F.normalize(x, dim=1) * g * sqrt(C) with g of shape (1, C, 1, 1)"
+            return ("not F.normalize(x, dim=1) * g * sqrt(C) (2.x: C from scale; 1.x: from x) "
+                    "with g of shape (1, C, 1, 1)")
         if _hooked(module):
             return "hooks on the module"
         return None
@@ -570,7 +605,8 @@ class DDPMRMSNorm(Patcher):
     def apply(self, module):
         from .nn.attention import RMSNorm
 
-        return _bind_forward(module, RMSNorm.forward)
+        v1 = _ddpm_rms_norm_release(module) == 1
+        return _bind_forward(module, _ddpm_rms_norm_v1_forward if v1 else RMSNorm.forward)
 
     def revert(self, module):
         return _unbind_forward(module)

@@ -24,5 +24,11 @@ fi
 # dependencies: they include torchvision (whose resolution would replace the CPU torch);
 # the test loads only the U-Net's module and stubs the Trainer-only imports.
 "$PY" -m pip install -q --no-deps denoising-diffusion-pytorch==2.3.4 ema-pytorch
+# and release 1.11.1 (GroupNorm blocks) beside it, in a folder of its own: the same test
+# loads its U-Net module from there.
+DDPM_1X=.cache/ddpm-1.11.1
+if [ ! -f "$DDPM_1X/denoising_diffusion_pytorch/denoising_diffusion_pytorch.py" ]; then
+    "$PY" -m pip install -q --no-deps --target "$DDPM_1X" denoising-diffusion-pytorch==1.11.1
+fi
 "$PY" -m pip install -q --no-build-isolation -e .
 "$PY" -c "import fastdiff; print('fastdiff', fastdiff.__version__, 'backends:', fastdiff.backends())"
