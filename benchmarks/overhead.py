@@ -130,6 +130,9 @@ def cases(device: str = "cpu"):
     t_prev = torch.tensor([480, 480], device=device)
     yield ("ddim_step", "no_grad", lambda: steps.ddim_step(m, t, x, ac, prev_timestep=t_prev), None,
            lambda: _eager_ddim(m, t, x, ac, t_prev))
+    # per-sample t with the default prev (t - 1): rows from a kept (T + 1)-row table
+    yield ("ddim_step (prev t-1)", "no_grad", lambda: steps.ddim_step(m, t, x, ac), None,
+           lambda: _eager_ddim(m, t, x, ac, t - 1))
     # as the README's loop calls it: int timesteps, the ᾱ table on the CPU (row kept)
     ac_host = ac.cpu()
     yield ("ddim_step (int t)", "no_grad",

@@ -524,6 +524,82 @@ def test_int_timesteps_with_a_cpu_table_do_not_synchronize():
     assert torch.isfinite(x).all()
 
 
+def test_per_sample_step_tables_follow_their_alphas(monkeypatch):
+    """Per-sample timesteps: the DDPM / DDIM rows (default prev) and the ᾱ table of a
+    given prev are made once per ᾱ tensor and kept while it lives unmodified."""
+    from fastdiff.ops import steps
+
+    monkeypatch.setattr(steps, "_TABLES", steps._Kept(32))
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 100))
+    x, m = _randn(2, 3, 4, 4, seed=1), _randn(2, 3, 4, 4, seed=2)
+    t = torch.tensor([10, 60])
+    calls = (lambda: ops.ddpm_step(m, t, x, ab), lambda: ops.ddim_step(m, t, x, ab),
+             lambda: ops.ddim_step(m, t, x, ab, prev_timestep=t - 7))
+    first = [call() for call in calls]
+    assert len(steps._TABLES.entries) == 3
+    assert all(torch.equal(call(), out) for call, out in zip(calls, first))
+    assert len(steps._TABLES.entries) == 3
+    with torch.no_grad():
+        ab[60] = 0.5
+        ab[53] = 0.6
+    changed = [call() for call in calls]
+    for out, new in zip(first, changed):
+        assert torch.equal(new[0], out[0]) and not torch.equal(new[1], out[1])
+    # sample 1 at t = 60, ᾱ_t = 0.5: DDIM ε-prediction x0 = (x - sqrt(0.5) m) / sqrt(0.5)
+    x0 = (x[1] - 0.5**0.5 * m[1]) / 0.5**0.5
+    assert_close(changed[2][1], 0.6**0.5 * x0 + 0.4**0.5 * m[1], rtol=1e-5, atol=1e-5)
+    assert len(steps._TABLES.entries) == 6
+
+
+def test_per_sample_step_argument_errors():
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 10))
+    x = torch.zeros(2, 3)
+    with pytest.raises(IndexError, match=r"ddpm_step: timestep must be < 10 \(the length of alphas_cumprod\), got 10"):
+        ops.ddpm_step(x, torch.tensor([3, 10]), x, ab)
+    with pytest.raises(IndexError, match=r"ddim_step: prev_timestep must be < 10 .*got 12"):
+        ops.ddim_step(x, torch.tensor([3, 4]), x, ab, prev_timestep=torch.tensor([12, 0]))
+    with pytest.raises(IndexError, match=r"ddim_step: timestep must be < 10"):
+        ops.ddim_step(x, 10, x, ab.cuda() if torch.cuda.is_available() else ab.to("meta"))
+    with pytest.raises(TypeError, match="ddim_step: alphas_cumprod must be a non-empty 1-D floating-point tensor"):
+        ops.ddim_step(x, 3, x, [0.9, 0.5])
+    with pytest.raises(TypeError, match="ddpm_step: alphas_cumprod must be"):
+        ops.ddpm_step(x, 3, x, torch.arange(10))
+
+
+@pytest.mark.parametrize("prev", [None, "tensor"])
+def test_per_sample_steps_compile_without_graph_breaks(prev):
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 100))
+    x, m = _randn(2, 3, 4, 4, seed=1), _randn(2, 3, 4, 4, seed=2)
+    t = torch.tensor([0, 99])
+    kwargs = {} if prev is None else dict(prev_timestep=t - 20)
+
+    def step(m, t, x, ab):
+        return ops.ddim_step(m, t, x, ab, eta=0.5, noise=x, **kwargs) + ops.ddpm_step(m, t, x, ab, noise=x)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(m, t, x, ab), step(m, t, x, ab))
+
+
+@pytest.mark.cuda
+def test_per_sample_steps_do_not_synchronize():
+    """Per-sample timesteps on the GPU with the ᾱ table on the CPU: the tables are made
+    once, then each call is launches only."""
+    ab = schedules.alphas_cumprod(schedules.betas("linear", 1000))
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    t = torch.randint(20, 1000, (4,), device="cuda")
+    calls = (lambda: ops.ddpm_step(x, t, x, ab, seed=1), lambda: ops.ddim_step(x, t, x, ab),
+             lambda: ops.ddim_step(x, t, x, ab, prev_timestep=t - 20))
+    expected = [call() for call in calls]  # makes the tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [call() for call in calls]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_filled_row():
     from fastdiff.ops.steps import filled_row
 

@@ -6,6 +6,9 @@ column order of :mod:`fastdiff.reference.sampler_step`.  Built for a whole
 table once (a scheduler's ``set_timesteps``), a step costs one gather inside
 the kernel (``index``); the ``*_step`` functions build rows for the batch and
 launch the pass.  All of it stays on the device: no ``.item()``, no host sync.
+``add_noise`` and the DDPM / DDIM steps with per-sample timesteps and the default
+previous timestep (t - 1) make that whole table once per ᾱ tensor (kept while the
+tensor lives unmodified), so a call is the index arithmetic and the pass.
 
 Formulas are those of the reference implementations users compare with:
 diffusers' DDPMScheduler / DDIMScheduler (timestep space) and k-diffusion's
@@ -164,8 +167,9 @@ class _Kept:
 
 # (1, 9) rows of steps given as numbers: one per step of the schedules in use.
 _ROWS = _Kept(4096)
-# (T + 1, 9) tables of add_noise: one per ᾱ table in use, ~36 KB each for T = 1000.
-_TABLES = _Kept(16)
+# (T + 1, 9) tables of add_noise and of the per-sample DDPM / DDIM steps, and the (T + 1,)
+# ᾱ tables those steps gather from: a few per ᾱ table in use, <= ~72 KB each for T = 1000.
+_TABLES = _Kept(32)
 
 
 def _host_numbers(*values) -> bool:
@@ -293,14 +297,51 @@ def ddim_coefs(
     return _rows(alpha_prod_t.shape, alpha_prod_t, **cols, C_X=c_x, C_M=c_m, C_0=c_0, C_N=std)
 
 
+def _check_alphas(step: str, alphas_cumprod) -> None:
+    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dim() != 1 \
+            or not alphas_cumprod.is_floating_point() or alphas_cumprod.numel() == 0:
+        raise TypeError(f"{step}: alphas_cumprod must be a non-empty 1-D floating-point tensor")
+
+
+def _check_below(step: str, name: str, t: torch.Tensor, length: int) -> None:
+    """CPU timesteps past the ᾱ table raise here, naming the argument (on other devices
+    the gather's or sampler_step's device-side index check catches them, without a sync)."""
+    if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
+        top = int(t.max())
+        if top >= length:
+            raise IndexError(f"{step}: {name} must be < {length} (the length of alphas_cumprod), got {top}")
+
+
+def _alphas_from_minus_one(alphas_cumprod: torch.Tensor, final, device: torch.device) -> torch.Tensor:
+    """(T + 1,) [final, ᾱ_0, ..., ᾱ_{T-1}] in the coefficient dtype on ``device``: entry
+    t + 1 is ᾱ at timestep t, entry 0 the step past t = 0 (t < 0)."""
+    dtype = _coef_dtype(device)
+    ab = alphas_cumprod.to(device=device, dtype=dtype)
+    if isinstance(final, torch.Tensor):
+        head = final.to(device=device, dtype=dtype).reshape(1)
+    else:
+        head = torch.full((1,), float(final), dtype=dtype, device=device)
+    return torch.cat([head, ab])
+
+
 def _timestep_step(coefs_fn, key, model_output, timestep, sample, alphas_cumprod, prev_timestep,
                    final_alpha_cumprod, clip_sample_range, noise, seed, guidance_scale, return_x0):
     """One step from ``coefs_fn(ab_t, ab_prev, t)``; ``key`` names the step and its
-    parameters (for the kept rows).  Int timesteps and a CPU ᾱ table: the row is read on
-    the host and kept (no device op for it, and no copy of the table to the device)."""
+    parameters (for the kept rows and tables).
+
+    * int timesteps and a CPU ᾱ table: the row is read on the host and kept (no device
+      op for it, and no copy of the table to the device);
+    * per-sample timesteps with the default ``prev_timestep`` (t - 1): the rows depend on
+      t alone, so all T + 1 of them (t = -1 .. T-1) are made once per ᾱ tensor and kept
+      while it lives unmodified, and the kernel reads row t + 1 (as ``add_noise``);
+    * per-sample ``prev_timestep``: ᾱ_t and ᾱ_prev in one gather from a kept
+      [final, ᾱ_0, ...] table, then the coefficient formulas on the (B,) values.
+    """
+    step = f"{key[0]}_step"
+    _check_alphas(step, alphas_cumprod)
     if (_host_numbers(timestep, final_alpha_cumprod) and isinstance(timestep, int)
             and (prev_timestep is None or (isinstance(prev_timestep, int) and _host_numbers(prev_timestep)))
-            and isinstance(alphas_cumprod, torch.Tensor) and alphas_cumprod.device.type == "cpu"):
+            and alphas_cumprod.device.type == "cpu"):
         t_prev = timestep - 1 if prev_timestep is None else prev_timestep
 
         def build():
@@ -310,14 +351,38 @@ def _timestep_step(coefs_fn, key, model_output, timestep, sample, alphas_cumprod
 
         coefs = _row_for_numbers(sample, key + (timestep, t_prev, float(final_alpha_cumprod)),
                                  build, table=alphas_cumprod)
+        index = None
     else:
         batch, device = sample.shape[0], sample.device
+        length = alphas_cumprod.shape[0]
         t = _timesteps("timestep", timestep, batch, device)
-        prev_t = t - 1 if prev_timestep is None else _timesteps("prev_timestep", prev_timestep, batch, device)
-        ab_t = _gather_alphas(alphas_cumprod, t, final_alpha_cumprod)
-        ab_prev = _gather_alphas(alphas_cumprod, prev_t, final_alpha_cumprod)
-        coefs = coefs_fn(ab_t, ab_prev, t)
-    return sampler_step(sample, model_output, coefs, noise=noise, seed=seed,
+        _check_below(step, "timestep", t, length)
+        # Under torch.compile the tables are traced as device ops (the kept tables'
+        # bookkeeping would break the graph); so is a tensor final_alpha_cumprod's.
+        keep = _host_numbers(final_alpha_cumprod)
+        acc = opmath_dtype(sample.dtype)
+        if prev_timestep is None:
+            def make():
+                ab = _alphas_from_minus_one(alphas_cumprod, final_alpha_cumprod, device)
+                ab_prev = torch.cat([ab[:1], ab[:-1]])  # entry t + 1: ᾱ at t - 1
+                return coefs_fn(ab, ab_prev, torch.arange(-1, length, device=device)).to(acc)
+
+            coefs = make() if not keep else _TABLES.get(
+                key + ("rows", float(final_alpha_cumprod), device, acc), sample, make,
+                source=alphas_cumprod)
+            index = t.clamp(min=-1) + 1
+        else:
+            prev_t = _timesteps("prev_timestep", prev_timestep, batch, device)
+            _check_below(step, "prev_timestep", prev_t, length)
+
+            def make():
+                return _alphas_from_minus_one(alphas_cumprod, final_alpha_cumprod, device)
+
+            ab = make() if not keep else _TABLES.get(
+                ("alphas", float(final_alpha_cumprod), device), sample, make, source=alphas_cumprod)
+            ab_t, ab_prev = ab[(torch.stack((t, prev_t)) + 1).clamp_(min=0)]
+            coefs, index = coefs_fn(ab_t, ab_prev, t), None
+    return sampler_step(sample, model_output, coefs, index, noise=noise, seed=seed,
                         guidance_scale=guidance_scale, clip_range=_clip_range(clip_sample_range),
                         return_x0=return_x0)
 
