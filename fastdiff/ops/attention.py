@@ -57,7 +57,8 @@ NO_KERNEL = "no C++ kernel: SDPA is used (the torch backend)"
 
 # --------------------------------------------------------------------------
 # Backends.  Inputs validated; outputs preallocated (o like q, lse and the
-# gradients as their tensors); Nk >= 1 and Nq >= 1.
+# gradients as their tensors); Nk >= 1 and Nq >= 1.  A forward returns (o, lse):
+# the preallocated ones, or its own tensors where they have exactly their layout.
 # --------------------------------------------------------------------------
 
 
@@ -68,14 +69,25 @@ def _rows_dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def _torch_fwd(q, k, v, scale, o, lse):
+    """SDPA's (o, lse) where they already have the op's layouts (o like ``o``, lse
+    contiguous: the fake's, so compiled graphs may rely on them), else copied into the
+    preallocated ``o`` / ``lse``.  On CPU o comes out laid out like q, so the O(N D)
+    copy is skipped for dense q; the flash kernel's lse is strided, its copy is O(N)."""
     if q.device.type == "cpu":
         o_, lse_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             *(_rows_dense(t) for t in (q, k, v)), 0.0, False, scale=scale
         )
     else:
         o_, lse_ = _sdpa_and_reference_fwd(q, k, v, scale)
-    o.copy_(o_)
-    lse.copy_(lse_)
+    if o_.dtype == o.dtype and o_.stride() == o.stride():
+        o = o_
+    else:
+        o.copy_(o_)
+    if lse_.dtype == lse.dtype and lse_.is_contiguous():
+        lse = lse_
+    else:
+        lse.copy_(lse_)
+    return o, lse
 
 
 def _sdpa_and_reference_fwd(q, k, v, scale):
@@ -99,6 +111,7 @@ def _triton_fwd(q, k, v, scale, o, lse):
     from ..kernels.attention import attention_fwd_triton
 
     attention_fwd_triton(q, k, v, scale, o, lse)
+    return o, lse
 
 
 def _triton_bwd(grad_o, q, k, v, o, lse, scale, grads):
@@ -210,8 +223,7 @@ def _forward(q, k, v, scale):
         o.zero_()
         lse.fill_(float("-inf"))
         return o, lse
-    impl.run(q, k, v, scale, o, lse)
-    return o, lse
+    return impl.run(q, k, v, scale, o, lse)
 
 
 @_fwd_op.register_fake
