@@ -450,10 +450,9 @@ def ddim_step(
     )
 
 
-def _forward_rows(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """(T + 1, 9) rows of q(x_t | x_0) for a (T,) ᾱ table: row t + 1 is timestep t, row 0
-    the t < 0 case (ᾱ = 1: x_0 itself)."""
-    ab = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod])
+def _forward_rows(ab: torch.Tensor) -> torch.Tensor:
+    """(T + 1, 9) rows of q(x_t | x_0) from the (T + 1,) [1, ᾱ_0, ...] table: row t + 1 is
+    timestep t, row 0 the t < 0 case (ᾱ = 1: x_0 itself)."""
     return _rows(ab.shape, ab, C_X=ab.sqrt(), C_N=(1 - ab).sqrt())
 
 
@@ -466,25 +465,18 @@ def add_noise(
     """The forward process q(x_t | x_0): sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε, per-sample t
     (t < 0: x0).  One pass reading row t of a table made from ``alphas_cumprod`` once
     and kept while that tensor lives unmodified."""
-    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dim() != 1 \
-            or not alphas_cumprod.is_floating_point() or alphas_cumprod.numel() == 0:
-        raise TypeError("add_noise: alphas_cumprod must be a non-empty 1-D floating-point tensor")
+    _check_alphas("add_noise", alphas_cumprod)
     x = original_samples
     t = _timesteps("timesteps", timesteps, x.shape[0], x.device)
-    length = alphas_cumprod.shape[0]
     # Under torch.compile the table is traced as device ops (the kept tables' bookkeeping
     # would break the graph) and the timesteps are left to sampler_step's index check.
-    compiling = torch.compiler.is_compiling()
-    if t.device.type == "cpu" and t.numel() and not compiling and int(t.max()) >= length:
-        raise IndexError(f"add_noise: timesteps must be < {length} (the length of "
-                         f"alphas_cumprod), got {int(t.max())}")
+    _check_below("add_noise", "timesteps", t, alphas_cumprod.shape[0])
     acc = opmath_dtype(x.dtype)
 
     def make():
-        ab = alphas_cumprod.to(device=x.device, dtype=_coef_dtype(x.device))
-        return _forward_rows(ab).to(acc)
+        return _forward_rows(_alphas_from_minus_one(alphas_cumprod, 1.0, x.device)).to(acc)
 
-    table = make() if compiling else _TABLES.get(
+    table = make() if torch.compiler.is_compiling() else _TABLES.get(
         ("add_noise", x.device, acc), x, make, source=alphas_cumprod)
     return sampler_step(x, None, table, t.clamp(min=-1) + 1, noise=noise)
 
