@@ -115,12 +115,6 @@ def _timesteps(name: str, t, batch: int, device: torch.device) -> torch.Tensor:
     return torch.full((batch,), t, dtype=torch.int64, device=device)
 
 
-def _gather_alphas(alphas_cumprod: torch.Tensor, t: torch.Tensor, final: float) -> torch.Tensor:
-    """ᾱ at timesteps t, with ``final`` where t < 0 (the step past t = 0)."""
-    ab = alphas_cumprod.to(device=t.device, dtype=_coef_dtype(t.device))
-    return torch.where(t >= 0, ab[t.clamp(min=0)], torch.full_like(ab[:1], final))
-
-
 def _clip_range(clip_sample_range: Optional[float]):
     return None if clip_sample_range is None else (-clip_sample_range, clip_sample_range)
 
@@ -324,6 +318,12 @@ def _alphas_from_minus_one(alphas_cumprod: torch.Tensor, final, device: torch.de
     return torch.cat([head, ab])
 
 
+def _alphas_at(ab: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor) -> torch.Tensor:
+    """(ᾱ_t, ᾱ_prev), a (2, B) tensor, in one gather from an
+    :func:`_alphas_from_minus_one` table (any t < 0 reads its ``final``)."""
+    return ab[(torch.stack((t, prev_t)) + 1).clamp_(min=0)]
+
+
 def _timestep_step(coefs_fn, key, model_output, timestep, sample, alphas_cumprod, prev_timestep,
                    final_alpha_cumprod, clip_sample_range, noise, seed, guidance_scale, return_x0):
     """One step from ``coefs_fn(ab_t, ab_prev, t)``; ``key`` names the step and its
@@ -346,8 +346,8 @@ def _timestep_step(coefs_fn, key, model_output, timestep, sample, alphas_cumprod
 
         def build():
             t, prev_t = torch.tensor([timestep]), torch.tensor([t_prev])
-            return coefs_fn(_gather_alphas(alphas_cumprod, t, final_alpha_cumprod),
-                            _gather_alphas(alphas_cumprod, prev_t, final_alpha_cumprod), t)
+            ab = _alphas_from_minus_one(alphas_cumprod, final_alpha_cumprod, t.device)
+            return coefs_fn(*_alphas_at(ab, t, prev_t), t)
 
         coefs = _row_for_numbers(sample, key + (timestep, t_prev, float(final_alpha_cumprod)),
                                  build, table=alphas_cumprod)
@@ -380,8 +380,7 @@ def _timestep_step(coefs_fn, key, model_output, timestep, sample, alphas_cumprod
 
             ab = make() if not keep else _TABLES.get(
                 ("alphas", float(final_alpha_cumprod), device), sample, make, source=alphas_cumprod)
-            ab_t, ab_prev = ab[(torch.stack((t, prev_t)) + 1).clamp_(min=0)]
-            coefs, index = coefs_fn(ab_t, ab_prev, t), None
+            coefs, index = coefs_fn(*_alphas_at(ab, t, prev_t), t), None
     return sampler_step(sample, model_output, coefs, index, noise=noise, seed=seed,
                         guidance_scale=guidance_scale, clip_range=_clip_range(clip_sample_range),
                         return_x0=return_x0)
