@@ -32,9 +32,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .ops.steps import _coef_dtype
+from .ops.steps import _alphas_from_minus_one, _check_below, _kept_table, _rows, _timesteps
 from .reference import opmath_dtype
-from .reference.sampler_step import A_N, A_X, C_M, C_N, C_X, NUM_COEFS
 
 __all__ = [
     "EDMLoss",
@@ -46,16 +45,6 @@ __all__ = [
     "ddpm_loss",
     "iDDPMPrecond",
 ]
-
-
-def _rows(like: torch.Tensor, **cols: torch.Tensor) -> torch.Tensor:
-    """Coefficient rows (n, 9) of the fused op, from per-row columns (n,)."""
-    first = next(iter(cols.values()))
-    rows = torch.zeros(first.numel(), NUM_COEFS, dtype=first.dtype, device=like.device)
-    index = {"A_X": A_X, "A_N": A_N, "C_X": C_X, "C_M": C_M, "C_N": C_N}
-    for name, value in cols.items():
-        rows[:, index[name]] = value.reshape(-1)
-    return rows
 
 
 # --------------------------------------------------------------------------
@@ -86,6 +75,19 @@ def _model_output(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         return out[0]
     raise TypeError(f"ddpm_loss: the model returned {type(out).__name__}, expected a tensor")
+
+
+def _sample_rows(**cols: torch.Tensor) -> torch.Tensor:
+    """(n, 9) coefficient rows of the fused op from per-sample columns holding n values
+    each (σ-shaped (B, 1, ..., 1) or (B,))."""
+    first = next(iter(cols.values()))
+    return _rows((first.numel(),), first, **{k: v.reshape(-1) for k, v in cols.items()})
+
+
+def _v_rows(ab: torch.Tensor) -> torch.Tensor:
+    """(T + 1, 9) rows of x_t = a x0 + s ε and v = a ε - s x0 from the (T + 1,) ᾱ table."""
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    return _rows(ab.shape, ab, C_X=a, C_N=s, A_X=-s, A_N=a)
 
 
 def ddpm_loss(
@@ -123,7 +125,8 @@ def ddpm_loss(
         offset_noise: add ``offset_noise * randn(B, C, 1, ..., 1)`` to the noise
             (Guttenberg's offset noise, diffusers' ``noise_offset``).
         noise, timesteps: use these instead of drawing them (a timestep may be
-            an int or a (B,) tensor).
+            an int or a (B,) integer tensor, below T: on CPU a larger one raises
+            IndexError; t < 0 means ᾱ = 1, x_t = x0, as in ``ops.add_noise``).
         generator: the ``torch.Generator`` the draws use (on x0's device), in
             diffusers' order: noise ``randn``, the offset ``randn``, then
             ``randint(0, T, (B,))`` timesteps.  None: torch's global RNG.
@@ -152,24 +155,31 @@ def ddpm_loss(
     elif isinstance(timesteps, int):
         timesteps = torch.full((batch,), timesteps, dtype=torch.int64, device=device)
     timesteps = timesteps.to(device)
+    # Schedule values come from (T + 1)-row tables made once per ᾱ tensor and kept while
+    # it lives unmodified (shared with add_noise and the steps): row t + 1 is timestep t,
+    # row 0 ᾱ = 1 (t < 0, as add_noise).  No copy of ᾱ to the device per call.
+    t = _timesteps("timesteps", timesteps, batch, device)
+    _check_below("ddpm_loss", "timesteps", t, ab.shape[0])
     if objective == "v" or min_snr_gamma is not None:
-        # Schedule values in the ops' coefficient dtype (float64; float32 on MPS).  The
-        # ε / x0 objectives without weighting need none: add_noise keeps its own table.
-        ab_t = ab.to(device=device, dtype=_coef_dtype(device))[timesteps]
-
+        row = t.clamp(min=-1) + 1
     if objective == "v":
-        a, s = ab_t.sqrt(), (1 - ab_t).sqrt()
-        # One pass, two outputs: out = a x0 + s ε (x_t) and "x0" = a ε - s x0 (v).
-        x_t, target = ops.sampler_step(x0, None, _rows(x0, C_X=a, C_N=s, A_X=-s, A_N=a),
-                                       noise=noise, return_x0=True)
+        acc = opmath_dtype(x0.dtype)
+        # One pass, two outputs: out = a x0 + s ε (x_t) and "x0" = a ε - s x0 (v), with
+        # a = sqrt(ᾱ_t), s = sqrt(1 - ᾱ_t).
+        table = _kept_table(("v_noise", device, acc), x0,
+                            lambda: _v_rows(_alphas_from_minus_one(ab, 1.0, device)).to(acc), ab)
+        x_t, target = ops.sampler_step(x0, None, table, row, noise=noise, return_x0=True)
     else:
-        x_t = ops.add_noise(x0, noise, timesteps, ab)
+        x_t = ops.add_noise(x0, noise, t, ab)
         target = noise if objective == "eps" else x0
 
     pred = _model_output(model(x_t, timesteps, **({} if model_kwargs is None else model_kwargs)))
     acc = opmath_dtype(pred.dtype)
     per_sample = (pred.to(acc) - target.to(acc)).square().flatten(1).mean(1)
     if min_snr_gamma is not None:
+        # ᾱ_t in the ops' coefficient dtype (float64; float32 on MPS)
+        ab_t = _kept_table(("alphas", 1.0, device), x0,
+                           lambda: _alphas_from_minus_one(ab, 1.0, device), ab)[row]
         snr = ab_t / (1 - ab_t)
         if objective == "eps":
             weight = (min_snr_gamma / snr).clamp(max=1.0)  # min(SNR, γ)/SNR, 1 at SNR = 0
@@ -237,7 +247,7 @@ class _Precond(nn.Module):
                          **model_kwargs)
         if F_x.dtype != dtype:
             raise TypeError(f"{type(self).__name__}: the model returned {F_x.dtype}, expected {dtype}")
-        return ops.sampler_step(x, self._output(F_x), _rows(x, C_X=c_skip, C_M=c_out))
+        return ops.sampler_step(x, self._output(F_x), _sample_rows(C_X=c_skip, C_M=c_out))
 
 
 class VPPrecond(_Precond):
@@ -368,7 +378,7 @@ def _denoising_loss(net, images, sigma, weight, labels, augment_pipe):
     y + σ n is one fused pass (n = randn_like(y), drawn as EDM draws it)."""
     y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
     n = torch.randn_like(y)
-    noisy = ops.sampler_step(y, None, _rows(y, C_X=torch.ones_like(sigma), C_N=sigma), noise=n)
+    noisy = ops.sampler_step(y, None, _sample_rows(C_X=torch.ones_like(sigma), C_N=sigma), noise=n)
     kwargs = {} if augment_labels is None else {"augment_labels": augment_labels}
     D_yn = net(noisy, sigma, labels, **kwargs)
     return weight * ((D_yn - y) ** 2)

@@ -409,6 +409,67 @@ def test_ddpm_loss_argument_errors():
         ddpm_loss(EpsModel(), _images(), torch.ones(3, 3))
 
 
+def test_ddpm_loss_timestep_range():
+    """t >= T raises naming the argument (CPU); t < 0 means ᾱ = 1 on every path, as
+    add_noise: x_t = x0, the v target is ε and min-SNR weights SNR = inf."""
+    x0, noise = _images(), _images(seed=1)
+    for objective in ("eps", "v"):
+        with pytest.raises(IndexError, match="ddpm_loss: timesteps must be < 1000"):
+            ddpm_loss(EpsModel(), x0, AB, objective, min_snr_gamma=5.0, noise=noise,
+                      timesteps=torch.tensor([0, 1, 1000, 2]))
+    seen = []
+
+    def model(x, t):
+        seen.append(x)
+        return torch.zeros_like(x)
+
+    t = torch.tensor([-1, 3, -1, 999])
+    for objective, weight_at_minus_one in (("eps", 0.0), ("x0", 5.0), ("v", 0.0)):
+        seen.clear()
+        _, per = ddpm_loss(model, x0, AB, objective, min_snr_gamma=5.0, noise=noise, timesteps=t,
+                           return_per_sample=True)
+        x_t = seen[0]
+        assert torch.equal(x_t[[0, 2]], x0[[0, 2]]), objective
+        a, s = AB[[3, 999]].sqrt(), (1 - AB[[3, 999]]).sqrt()
+        expected = a.reshape(-1, 1, 1, 1) * x0[[1, 3]] + s.reshape(-1, 1, 1, 1) * noise[[1, 3]]
+        assert max_rel_error(x_t[[1, 3]], expected.float()) < 1e-6, objective
+        target = {"eps": noise, "x0": x0, "v": noise}[objective][[0, 2]]
+        mse = target.square().flatten(1).mean(1)
+        assert torch.allclose(per[[0, 2]], weight_at_minus_one * mse), objective
+
+
+@pytest.mark.parametrize("objective", ["eps", "v"])
+def test_ddpm_loss_compiles_without_graph_breaks(objective):
+    model, x0, noise = EpsModel(), _images(), _images(seed=1)
+    t = torch.tensor([0, 10, 500, 999])
+
+    def loss(x0, noise, t):
+        return ddpm_loss(model, x0, AB, objective, min_snr_gamma=5.0, noise=noise, timesteps=t)
+
+    torch._dynamo.reset()
+    got = torch.compile(loss, fullgraph=True, backend="aot_eager")(x0, noise, t)
+    assert max_rel_error(got, loss(x0, noise, t)) < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ddpm_loss_does_not_synchronize():
+    """ᾱ on the CPU, the batch on the GPU: the tables are made once, then a loss is launches
+    only (no copy of ᾱ to the device per step)."""
+    model = EpsModel().cuda()
+    x0, noise = _images().cuda(), _images(seed=1).cuda()
+    t = torch.randint(0, 1000, (4,), device="cuda")
+    calls = [lambda o=o: ddpm_loss(model, x0, AB, o, min_snr_gamma=5.0, noise=noise, timesteps=t)
+             for o in ("eps", "x0", "v")]
+    expected = [call() for call in calls]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [call() for call in calls]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 # --------------------------------------------------------------------------
 # EDM preconditioners and losses
 # --------------------------------------------------------------------------
@@ -597,6 +658,9 @@ def _ddp_worker(rank, world, port, out_dir):
             _ddp_loss(kind, ddp, rank).backward()
             grads[kind] = [p.grad.clone() for p in model.parameters()]
         torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+        # both ranks done before either tears its group down: a rank that
+        # destroys its gloo group while the other still talks to it aborts (~1 run in 30)
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

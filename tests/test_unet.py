@@ -345,6 +345,9 @@ def _ddp_worker(rank, world_size, port, result_dir):
         torch.save({"loss": loss.item(), "ddp": ddp_grads, "expected": expected,
                     "gathered": gathered, "params": gathered_params},
                    os.path.join(result_dir, f"rank{rank}.pt"))
+        # both ranks done before either tears its group down: a rank that
+        # destroys its gloo group while the other still talks to it aborts (~1 run in 30)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

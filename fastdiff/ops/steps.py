@@ -166,6 +166,15 @@ _ROWS = _Kept(4096)
 _TABLES = _Kept(32)
 
 
+def _kept_table(key: tuple, like: torch.Tensor, make, source: torch.Tensor) -> torch.Tensor:
+    """``make()``'s table, kept in ``_TABLES`` while ``source`` (the ᾱ tensor it is made
+    from) lives unmodified; made afresh under torch.compile, which traces it as device ops
+    (the kept tables' bookkeeping would break the graph)."""
+    if torch.compiler.is_compiling():
+        return make()
+    return _TABLES.get(key, like, make, source=source)
+
+
 def _host_numbers(*values) -> bool:
     """All plain Python numbers, and not under torch.compile (which traces the rows as
     device ops: the host rows' bookkeeping would break the graph)."""
@@ -467,16 +476,14 @@ def add_noise(
     _check_alphas("add_noise", alphas_cumprod)
     x = original_samples
     t = _timesteps("timesteps", timesteps, x.shape[0], x.device)
-    # Under torch.compile the table is traced as device ops (the kept tables' bookkeeping
-    # would break the graph) and the timesteps are left to sampler_step's index check.
+    # Under torch.compile the timesteps are left to sampler_step's index check.
     _check_below("add_noise", "timesteps", t, alphas_cumprod.shape[0])
     acc = opmath_dtype(x.dtype)
 
     def make():
         return _forward_rows(_alphas_from_minus_one(alphas_cumprod, 1.0, x.device)).to(acc)
 
-    table = make() if torch.compiler.is_compiling() else _TABLES.get(
-        ("add_noise", x.device, acc), x, make, source=alphas_cumprod)
+    table = _kept_table(("add_noise", x.device, acc), x, make, alphas_cumprod)
     return sampler_step(x, None, table, t.clamp(min=-1) + 1, noise=noise)
 
 
