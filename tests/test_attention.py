@@ -303,6 +303,31 @@ def test_auto_dispatch_on_cpu_is_sdpa():
     assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+def test_cpu_gradients_copied_only_across_layouts(layout):
+    """The CPU flash kernel's gradients are (B, N, H, D): for dense (B, N, H, D) views (a
+    diffusers processor's heads) they are the op's gradients as computed; for other
+    layouts they are copied into tensors like the inputs (the fake's layout)."""
+    b, h, n, d = 2, 3, 17, 8
+    g = torch.Generator().manual_seed(0)
+
+    def make_input():
+        t = torch.randn(b, n, h, d, generator=g)
+        return t.transpose(1, 2) if layout == "bnhd" else t.transpose(1, 2).contiguous()
+
+    q, k, v, do = (make_input() for _ in range(4))
+    scale = d ** -0.5
+    o, lse = attention_ops._forward(q, k, v, scale)
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    got = attention_ops._torch_bwd(do, q, k, v, o, lse, scale, list(grads))
+    expected = ref.attention_backward(do.double(), q.double(), k.double(), v.double(),
+                                      o.double(), lse.double(), scale)
+    for out, pre, t, e in zip(got, grads, (q, k, v), expected):
+        assert out.stride() == t.stride()
+        assert (out is pre) == (layout == "bhnd")
+        assert_close(out, e.float(), truth=e, rtol=1e-4, atol=1e-6)
+
+
 def _meta(*shape, dtype=torch.float16, stride=None):
     if stride is None:
         return torch.empty(*shape, dtype=dtype, device="meta")

@@ -57,8 +57,9 @@ NO_KERNEL = "no C++ kernel: SDPA is used (the torch backend)"
 
 # --------------------------------------------------------------------------
 # Backends.  Inputs validated; outputs preallocated (o like q, lse and the
-# gradients as their tensors); Nk >= 1 and Nq >= 1.  A forward returns (o, lse):
-# the preallocated ones, or its own tensors where they have exactly their layout.
+# gradients as their tensors); Nk >= 1 and Nq >= 1.  A forward returns (o, lse), a
+# backward the gradients (None where not asked for): the preallocated tensors, or
+# its own where they have exactly their layout.
 # --------------------------------------------------------------------------
 
 
@@ -96,15 +97,22 @@ def _sdpa_and_reference_fwd(q, k, v, scale):
 
 
 def _torch_bwd(grad_o, q, k, v, o, lse, scale, grads):
+    """The gradients: each computed one where it already has its preallocated tensor's
+    layout (the fake's, like its input), else copied into it.  The CPU flash kernel lays
+    its gradients out (B, N, H, D): no copy for inputs that are (B, N, H, D) views, as
+    the heads of a fused projection (diffusers' processors) are."""
     if q.device.type == "cpu":
         res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *(_rows_dense(t) for t in (grad_o, q, k, v, o)), lse, 0.0, False, scale=scale
         )
     else:
         res = ref.attention_backward(grad_o, q, k, v, o, lse, scale)
-    for out, val in zip(grads, res):
-        if out is not None:
-            out.copy_(val)
+    out = []
+    for g, val in zip(grads, res):
+        if g is not None and not (val.dtype == g.dtype and val.stride() == g.stride()):
+            val = g.copy_(val)
+        out.append(None if g is None else val)
+    return out
 
 
 def _triton_fwd(q, k, v, scale, o, lse):
@@ -118,6 +126,7 @@ def _triton_bwd(grad_o, q, k, v, o, lse, scale, grads):
     from ..kernels.attention import attention_bwd_triton
 
     attention_bwd_triton(grad_o, q, k, v, o, lse, scale, *grads)
+    return grads
 
 
 def _triton_reasons(**tensors: torch.Tensor) -> list[str]:
@@ -253,7 +262,7 @@ def _backward_body(
             if g is not None:
                 g.zero_()
     elif any(output_mask):
-        impl.run(grad_o, q, k, v, o, lse, scale, grads)
+        grads = impl.run(grad_o, q, k, v, o, lse, scale, grads)
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
