@@ -60,6 +60,19 @@ def poisoned_outputs() -> Iterator[None]:
         _alloc._poison.reset(token)
 
 
+@contextlib.contextmanager
+def no_cuda_sync() -> Iterator[None]:
+    """Inside the block, any synchronization of the host with the GPU raises (after one
+    that lets the work queued before the block finish): for tests that a step, a loss or
+    a sampling loop is launches only."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (0 for empty tensors), in float64."""
     if expected.numel() == 0:

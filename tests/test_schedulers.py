@@ -8,7 +8,7 @@ import torch
 
 from fastdiff import schedulers as fs
 from fastdiff import use_backend
-from fastdiff.testing import backends_for, max_rel_error
+from fastdiff.testing import backends_for, max_rel_error, no_cuda_sync
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -477,13 +477,9 @@ def test_step_does_not_synchronize(name):
     timesteps = list(sched.timesteps)  # device scalars, as a pipeline iterates them
     t = timesteps[0]
     x = sched.step(torch.tanh(sched.scale_model_input(x, t)), t, x, **kwargs).prev_sample  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_cuda_sync():
         for t in timesteps[1:]:
             x = sched.step(torch.tanh(sched.scale_model_input(x, t)), t, x, **kwargs).prev_sample
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(x).all()
 
 

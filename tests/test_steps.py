@@ -7,7 +7,7 @@ import torch
 
 import fastdiff
 from fastdiff import ops, schedules, use_backend
-from fastdiff.testing import assert_close, backends_for, max_rel_error
+from fastdiff.testing import assert_close, backends_for, max_rel_error, no_cuda_sync
 
 CPU_BACKENDS = [b for b in backends_for("cpu") if b != "triton"]  # triton: see test_sampler_step
 
@@ -196,12 +196,8 @@ def test_add_noise_does_not_synchronize():
     x0 = torch.randn(4, 3, 16, 16, device="cuda")
     t = torch.randint(0, 1000, (4,), device="cuda")
     expected = ops.add_noise(x0, x0, t, ab)  # makes the table
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_cuda_sync():
         got = ops.add_noise(x0, x0, t, ab)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(got, expected)
 
 
@@ -514,13 +510,9 @@ def test_int_timesteps_with_a_cpu_table_do_not_synchronize():
     ab = schedules.alphas_cumprod(schedules.betas("linear", 1000))
     x = torch.randn(4, 3, 16, 16, device="cuda")
     ops.ddim_step(x, 999, x, ab, prev_timestep=979, eta=1.0, seed=1)  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_cuda_sync():
         for t in range(999, -1, -20):
             x = ops.ddim_step(x * 0.1, t, x, ab, prev_timestep=t - 20, eta=1.0, seed=t)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(x).all()
 
 
@@ -591,12 +583,8 @@ def test_per_sample_steps_do_not_synchronize():
     calls = (lambda: ops.ddpm_step(x, t, x, ab, seed=1), lambda: ops.ddim_step(x, t, x, ab),
              lambda: ops.ddim_step(x, t, x, ab, prev_timestep=t - 20))
     expected = [call() for call in calls]  # makes the tables
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_cuda_sync():
         got = [call() for call in calls]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from fastdiff import schedules
-from fastdiff.testing import max_rel_error
+from fastdiff.testing import max_rel_error, no_cuda_sync
 from fastdiff.training import (
     EDMLoss,
     EDMPrecond,
@@ -451,7 +451,7 @@ def test_ddpm_loss_compiles_without_graph_breaks(objective):
     assert max_rel_error(got, loss(x0, noise, t)) < 1e-6
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_ddpm_loss_does_not_synchronize():
     """ᾱ on the CPU, the batch on the GPU: the tables are made once, then a loss is launches
     only (no copy of ᾱ to the device per step)."""
@@ -461,12 +461,8 @@ def test_ddpm_loss_does_not_synchronize():
     calls = [lambda o=o: ddpm_loss(model, x0, AB, o, min_snr_gamma=5.0, noise=noise, timesteps=t)
              for o in ("eps", "x0", "v")]
     expected = [call() for call in calls]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_cuda_sync():
         got = [call() for call in calls]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
