@@ -207,13 +207,14 @@ class Impl:
 
     def __post_init__(self):
         if self.backend == "torch":
-            object.__setattr__(self, "run", _without_autocast(self.run))
+            object.__setattr__(self, "run", without_autocast(self.run))
 
 
-def _without_autocast(run: Callable[..., object]) -> Callable[..., object]:
-    """The torch backend computes in the op's own precision, as the kernels do:
-    autocast (which also reaches inside a custom op's body) would otherwise cast
-    the reference's matmuls and leave forward and backward in different dtypes."""
+def without_autocast(run: Callable[..., object]) -> Callable[..., object]:
+    """``run`` with autocast off.  The torch backend computes in the op's own precision,
+    as the kernels do: autocast (which also reaches inside a custom op's body) would
+    otherwise cast the reference's matmuls and leave forward and backward in different
+    dtypes.  Torch-op paths outside an ``Impl`` wrap themselves with it too."""
     any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 
     @functools.wraps(run)
@@ -406,7 +407,10 @@ class EagerOp:
         })
 
     def __call__(self, tensors: Sequence[Optional[torch.Tensor]], *args):
-        mode = eager_mode(*tensors)
+        return self.run(eager_mode(*tensors), *args)
+
+    def run(self, mode: Optional[str], *args):
+        """The op by the path ``mode`` (:func:`eager_mode`'s answer for its tensors)."""
         if mode == "body":
             return self.forward(*args)
         if mode == "autograd":

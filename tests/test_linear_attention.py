@@ -7,6 +7,8 @@ kernels run under the interpreter on CPU at small sizes; their split-reduction
 paths are reached with forced plans.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -164,6 +166,30 @@ def test_only_needed_gradients(device, backend):
     with use_backend(backend):
         linear_attention(q_leaf, k, v).backward(grad_out)
     assert_close(q_leaf.grad, dq_e, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("wanted", [(True, True, True), (False, True, False), (True, False, True)], ids=str)
+def test_kept_softmaxes_path_is_the_registered_ops(dtype, wanted):
+    """Eager calls needing gradients on the torch backend keep P and K from the forward
+    (the registered op recomputes them): the same output and gradients, bit for bit,
+    for every subset of wanted gradients, with strided inputs and Nq != Nk."""
+    from fastdiff import _backend
+
+    q, k, v, grad_out = make(2, 2, 12, 8, 19, 23, dtype, "cpu")
+    q = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # D stride 1
+    results = []
+    for force in (False, True):
+        leaves = [t.detach().clone().requires_grad_(w) for t, w in zip((q, k, v), wanted)]
+        with use_backend("torch"), (_backend.force_dispatcher() if force else contextlib.nullcontext()):
+            out = linear_attention(*leaves)
+        name = type(out.grad_fn).__name__
+        assert name.startswith("linear_attention_eager_kept" if not force else "GeneratedBackwardFor"), name
+        out.backward(grad_out)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for kept, registered in zip(*results):
+        assert (kept is None) == (registered is None)
+        assert kept is None or torch.equal(kept, registered)
 
 
 def test_reference_backward_is_autograd_of_the_formula():

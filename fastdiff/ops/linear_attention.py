@@ -8,12 +8,13 @@ Validation happens once, in :func:`_validate`, before dispatch.
 Backends: ``triton`` (fused kernels, :mod:`fastdiff.kernels.linear_attention`)
 and ``torch`` (the reference), which is also the CPU path: there is no C++
 kernel.  The reference folds scale / Nk into the small D x E context instead of
-scaling q and v (two passes fewer than eager) and recomputes the softmaxes in
-the backward from the saved lse instead of keeping them (O(D x E) saved, not
-O(D x N)).  Measured on CPU (one thread, D = 32, 64x64 and 128x128 maps) the
-forward is ~7 % faster than the eager einsums and forward + backward 8-16 %
-slower (those two recomputed softmaxes).  Degenerate sizes (no head, no query
-position, E = 0) run the reference on every backend.
+scaling q and v (two passes fewer than eager); the registered backward recomputes
+the softmaxes from q and k (O(D x E) saved, not O(D x N)).  Eager calls that need
+gradients on the torch backend keep the two softmaxes instead, as eager autograd
+does (see ``_KEPT_SOFTMAXES``; the same bits).  CPU, fp32, D = 32, 64x64 and
+128x128 maps (benchmarks/RESULTS.md): forward 1.2-1.3x the eager einsums, forward +
+backward 1.07-1.23x (recomputing, it was 0.58-0.68x).  Degenerate sizes (no head,
+no query position, E = 0) run the reference on every backend.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def _torch_fwd(q, k, v, scale):
 
 
 def _torch_bwd(grad_out, q, k, v, context, lse, scale, output_mask):
-    grads = ref.linear_attention_backward(grad_out, q, k, v, context, lse, scale)
-    return [g.contiguous() if want else None for g, want in zip(grads, output_mask)]
+    grads = ref.linear_attention_backward(grad_out, q, k, v, context, lse, scale, output_mask)
+    return [None if g is None else g.contiguous() for g in grads]
 
 
 def _triton_fwd(q, k, v, scale):
@@ -244,6 +245,41 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 _EAGER = _backend.EagerOp("linear_attention", _forward, _setup_context, _backward)
 
 
+
+def _kept_softmaxes_forward(ctx, q, k, v, scale):
+    p, kk, context = ref.softmaxes_and_context(q, k, v)
+    ctx.save_for_backward(q, k, v, context, p, kk)
+    ctx.scale = scale
+    _backend.remember_backend(ctx)
+    return ref.output(p, context, scale / k.shape[-1], q.dtype).contiguous()
+
+
+def _kept_softmaxes_backward(ctx, grad_out):
+    q, k, v, context, p, kk = ctx.saved_tensors
+    mask = tuple(ctx.needs_input_grad[:3])
+    if _backend.eager_fast_path(grad_out, q, k, v):
+        grads = ref.backward_from_softmaxes(grad_out.to(q.dtype), p, kk, v, context,
+                                            ctx.scale / k.shape[-1], mask)
+        return (*(None if g is None else g.contiguous() for g in grads), None)
+    # create_graph: the registered backward, as on the op's other paths (it needs the lse)
+    lse = k.to(kk.dtype).amax(dim=-1) - torch.log(kk.amax(dim=-1))
+    grads = _backend.run_backward(ctx, "linear_attention_backward", _backward_body,
+                                  grad_out, q, k, v, context, lse, ctx.scale, list(mask))
+    return (*(g if m else None for g, m in zip(grads, mask)), None)
+
+
+# The torch backend's eager autograd path: the forward keeps P = softmax_D(q) and
+# K = softmax_N(k) for the backward, as eager autograd keeps them, instead of
+# recomputing them (the registered op saves only C and lse: its memory-lean contract,
+# which the kernels and torch.compile use).  O(D N) saved instead of O(D E); the same
+# outputs and gradients, bit for bit.  CPU, fp32, D = 32 at 64x64 / 128x128 maps, 1-2
+# threads: forward + backward 1.3-1.5x faster than recomputing.
+_KEPT_SOFTMAXES = type("linear_attention_eager_kept", (torch.autograd.Function,), {
+    "forward": staticmethod(_backend.without_autocast(_kept_softmaxes_forward)),
+    "backward": staticmethod(_backend.without_autocast(_kept_softmaxes_backward)),
+})
+
+
 # --------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------
@@ -268,4 +304,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """
     _validate(q, k, v, scale)
     s = ref.default_scale(q) if scale is None else scale
-    return _EAGER((q, k, v), q, k, v, s)[0]
+    mode = _backend.eager_mode(q, k, v)
+    if mode == "autograd" and not _degenerate(q, v) and _backend.select(
+            "fastdiff::linear_attention", _FWD, q.device, dict(q=q, k=k, v=v)).backend == "torch":
+        return _KEPT_SOFTMAXES.apply(q, k, v, float(s))
+    return _EAGER.run(mode, q, k, v, s)[0]

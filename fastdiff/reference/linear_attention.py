@@ -61,21 +61,29 @@ def linear_attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.einsum("bhde,bhdn->bhen", context, q).to(dtype)
 
 
+def softmaxes_and_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """(P, K, C) in the opmath dtype: P = softmax_D(q) (B, H, D, Nq), K = softmax_N(k)
+    (B, H, D, Nk) and C = K v^T (B, H, D, E), the context without alpha."""
+    acc = opmath_dtype(q.dtype)
+    kk = torch.softmax(k.to(acc), dim=-1)
+    p = torch.softmax(q.to(acc), dim=-2)
+    return p, kk, kk @ v.to(acc).transpose(-1, -2)
+
+
+def output(p: torch.Tensor, context: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """out = alpha C^T P (B, H, E, Nq) in ``dtype``."""
+    return ((context * alpha).transpose(-1, -2) @ p).to(dtype)
+
+
 def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, C, lse): out (B, H, E, Nq) in q's dtype; C = softmax(k) v^T (B, H, D, E)
     and lse = logsumexp(k) (B, H, D) in the opmath dtype."""
-    acc = opmath_dtype(q.dtype)
-    alpha = scale / k.shape[-1]
-    kf = k.to(acc)
-    kk = torch.softmax(kf, dim=-1)  # (B, H, D, Nk)
+    p, kk, context = softmaxes_and_context(q, k, v)
     # lse = max_n k - log max_n K: the largest K is exp(0) / sum exp(k - max)
     # >= 1 / Nk (no underflow); two max passes cost less than logsumexp + exp
-    lse = kf.amax(dim=-1) - torch.log(kk.amax(dim=-1))  # (B, H, D)
-    context = kk @ v.to(acc).transpose(-1, -2)  # (B, H, D, E)
-    p = torch.softmax(q.to(acc), dim=-2)  # (B, H, D, Nq)
-    out = (context * alpha).transpose(-1, -2) @ p  # (B, H, E, Nq)
-    return out.to(q.dtype), context, lse
+    lse = k.to(kk.dtype).amax(dim=-1) - torch.log(kk.amax(dim=-1))  # (B, H, D)
+    return output(p, context, scale / k.shape[-1], q.dtype), context, lse
 
 
 def linear_attention_backward(
@@ -86,18 +94,41 @@ def linear_attention_backward(
     context: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in the inputs' dtype from the saved C and lse (module docstring)."""
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Optional[torch.Tensor], ...]:
+    """(dq, dk, dv) in the inputs' dtype (None where ``output_mask`` is False) from the
+    saved C and lse (module docstring).  K is recomputed as softmax(k): the values of
+    exp(k - lse), and the bits of the forward's K, so a backward from kept softmaxes
+    (:func:`backward_from_softmaxes`) gives exactly these gradients."""
     acc = context.dtype
-    alpha = scale / k.shape[-1]
-    do = grad_out.to(acc)  # (B, H, E, Nq)
     p = torch.softmax(q.to(acc), dim=-2)  # (B, H, D, Nq)
-    dcontext = (p @ do.transpose(-1, -2)) * alpha  # (B, H, D, E)
-    dp = (context * alpha) @ do  # (B, H, D, Nq)
-    # ATen's fused softmax backward: dq = p * (dp - sum_d p dp)
-    dq = torch._softmax_backward_data(dp, p, -2, acc)
-    kk = torch.exp(k.to(acc) - lse[..., None])  # (B, H, D, Nk)
-    # dk = K * (dK - r), r = sum_n K dK (the kernels form r as sum_e dC * C)
-    dk = torch._softmax_backward_data(dcontext @ v.to(acc), kk, -1, acc)
-    dv = dcontext.transpose(-1, -2) @ kk  # (B, H, E, Nk)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    kk = torch.softmax(k.to(acc), dim=-1) if output_mask[1] or output_mask[2] else None
+    return backward_from_softmaxes(grad_out, p, kk, v, context, scale / k.shape[-1], output_mask)
+
+
+def backward_from_softmaxes(
+    grad_out: torch.Tensor,
+    p: torch.Tensor,
+    kk: torch.Tensor,
+    v: torch.Tensor,
+    context: torch.Tensor,
+    alpha: float,
+    output_mask: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Optional[torch.Tensor], ...]:
+    """(dq, dk, dv) in v's dtype (None where ``output_mask`` is False) from P, K and C
+    (:func:`softmaxes_and_context`)."""
+    acc = context.dtype
+    do = grad_out.to(acc)  # (B, H, E, Nq)
+    dq = dk = dv = None
+    if output_mask[0]:
+        dp = (context * alpha) @ do  # (B, H, D, Nq)
+        # ATen's fused softmax backward: dq = p * (dp - sum_d p dp)
+        dq = torch._softmax_backward_data(dp, p, -2, acc).to(v.dtype)
+    if output_mask[1] or output_mask[2]:
+        dcontext = (p @ do.transpose(-1, -2)) * alpha  # (B, H, D, E)
+        if output_mask[1]:
+            # dk = K * (dK - r), r = sum_n K dK (the kernels form r as sum_e dC * C)
+            dk = torch._softmax_backward_data(dcontext @ v.to(acc), kk, -1, acc).to(v.dtype)
+        if output_mask[2]:
+            dv = (dcontext.transpose(-1, -2) @ kk).to(v.dtype)  # (B, H, E, Nk)
+    return dq, dk, dv
