@@ -4,6 +4,7 @@ Triton runs in interpreter mode without CUDA, so its cases keep B·H·N small;
 the long-sequence and GPU-sized cases are marked ``cuda``.
 """
 
+import contextlib
 import importlib
 import re
 
@@ -303,29 +304,43 @@ def test_auto_dispatch_on_cpu_is_sdpa():
     assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
-@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
-def test_cpu_gradients_copied_only_across_layouts(layout):
-    """The CPU flash kernel's gradients are (B, N, H, D): for dense (B, N, H, D) views (a
-    diffusers processor's heads) they are the op's gradients as computed; for other
-    layouts they are copied into tensors like the inputs (the fake's layout)."""
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd", "bhdn"])
+def test_cpu_gradients_are_the_flash_kernels(layout):
+    """On CPU the gradients are laid out (B, N, H, D) whatever the inputs' layout, the
+    flash backward's layout: its tensors are returned without a copy, registered op and
+    eager path alike (the fake agrees: see test_opcheck / test_compiles_without_graph_break)."""
     b, h, n, d = 2, 3, 17, 8
     g = torch.Generator().manual_seed(0)
 
     def make_input():
         t = torch.randn(b, n, h, d, generator=g)
-        return t.transpose(1, 2) if layout == "bnhd" else t.transpose(1, 2).contiguous()
+        if layout == "bnhd":
+            return t.transpose(1, 2)
+        if layout == "bhnd":
+            return t.transpose(1, 2).contiguous()
+        return t.permute(0, 2, 3, 1).contiguous().transpose(-1, -2)
 
     q, k, v, do = (make_input() for _ in range(4))
-    scale = d ** -0.5
-    o, lse = attention_ops._forward(q, k, v, scale)
-    grads = [torch.empty_like(t) for t in (q, k, v)]
-    got = attention_ops._torch_bwd(do, q, k, v, o, lse, scale, list(grads))
+    bnhd_strides = (n * h * d, d, h * d, 1)
     expected = ref.attention_backward(do.double(), q.double(), k.double(), v.double(),
-                                      o.double(), lse.double(), scale)
-    for out, pre, t, e in zip(got, grads, (q, k, v), expected):
-        assert out.stride() == t.stride()
-        assert (out is pre) == (layout == "bhnd")
-        assert_close(out, e.float(), truth=e, rtol=1e-4, atol=1e-6)
+                                      *(t.double() for t in attention_ops._forward(q, k, v, 0.3)), 0.3)
+    copies = []
+    real_copy = torch.Tensor.copy_
+    for force in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with (_backend.force_dispatcher() if force else contextlib.nullcontext()):
+            o = attention(*leaves, scale=0.3)
+        grads = torch.autograd.grad(o, leaves, do)
+        for got, e in zip(grads, expected):
+            assert got.stride() == bnhd_strides
+            assert_close(got, e.float(), truth=e, rtol=1e-4, atol=1e-6)
+    o, lse = attention_ops._forward(q, k, v, 0.3)
+    try:
+        torch.Tensor.copy_ = lambda self, src, *a, **kw: copies.append(self) or real_copy(self, src, *a, **kw)
+        out = attention_ops._backward_body(do, q, k, v, o, lse, 0.3, [True, True, True])
+    finally:
+        torch.Tensor.copy_ = real_copy
+    assert copies == [] and all(t.stride() == bnhd_strides for t in out)
 
 
 def _meta(*shape, dtype=torch.float16, stride=None):

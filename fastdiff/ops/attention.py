@@ -98,9 +98,8 @@ def _sdpa_and_reference_fwd(q, k, v, scale):
 
 def _torch_bwd(grad_o, q, k, v, o, lse, scale, grads):
     """The gradients: each computed one where it already has its preallocated tensor's
-    layout (the fake's, like its input), else copied into it.  The CPU flash kernel lays
-    its gradients out (B, N, H, D): no copy for inputs that are (B, N, H, D) views, as
-    the heads of a fused projection (diffusers' processors) are."""
+    layout (the fake's, see :func:`_grad_like`), else copied into it.  On CPU the flash
+    kernel's (B, N, H, D) layout is the preallocated one: no copy."""
     if q.device.type == "cpu":
         res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             *(_rows_dense(t) for t in (grad_o, q, k, v, o)), lse, 0.0, False, scale=scale
@@ -241,6 +240,18 @@ def _(q, k, v, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=ref.opmath_dtype(q.dtype))
 
 
+def _grad_like(t: torch.Tensor, fake: bool = False) -> torch.Tensor:
+    """An empty gradient for t (B, H, N, D): on CPU laid out (B, N, H, D), the layout
+    SDPA's CPU flash backward writes (its gradients are then returned as they are, as
+    SDPA's own autograd returns them); elsewhere like t.  ``fake``: for the fake impl
+    (no NaN poisoning)."""
+    if t.device.type == "cpu":
+        b, h, n, d = t.shape
+        new = torch.empty if fake else empty
+        return new(b, n, h, d, dtype=t.dtype, device=t.device).transpose(1, 2)
+    return torch.empty_like(t) if fake else empty_like(t)
+
+
 def _backward_body(
     grad_o: torch.Tensor,
     q: torch.Tensor,
@@ -253,7 +264,7 @@ def _backward_body(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of (q, k, v); one not in ``output_mask`` is an empty (0-element) tensor."""
     grad_o = grad_o.to(q.dtype)
-    grads = [empty_like(t) if want else None for want, t in zip(output_mask, (q, k, v))]
+    grads = [_grad_like(t) if want else None for want, t in zip(output_mask, (q, k, v))]
     impl = _backend.select(
         "fastdiff::attention_backward", _BWD, q.device, dict(q=q, k=k, v=v, grad_o=grad_o)
     )
@@ -273,7 +284,8 @@ _bwd_op = torch.library.custom_op("fastdiff::attention_backward", mutates_args=(
 
 @_bwd_op.register_fake
 def _(grad_o, q, k, v, o, lse, scale, output_mask):
-    return tuple(torch.empty_like(t) if want else q.new_empty(0) for want, t in zip(output_mask, (q, k, v)))
+    return tuple(_grad_like(t, fake=True) if want else q.new_empty(0)
+                 for want, t in zip(output_mask, (q, k, v)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -322,7 +334,9 @@ def attention(
         o (B, H, Nq, D) in q's dtype, laid out like q when q is dense (else
         contiguous).  Softmax statistics are fp32; the backward recomputes
         the probabilities from the saved logsumexp (no O(N²) memory on the
-        triton and CPU paths) and is deterministic.
+        triton and CPU paths) and is deterministic.  The gradients of q, k, v
+        are laid out like them on CUDA and (B, N, H, D) on CPU, as SDPA's CPU
+        backward lays them out.
     """
     _validate(q, k, v, scale)
     s = ref.default_scale(q.shape[-1]) if scale is None else float(scale)
