@@ -163,6 +163,25 @@ def test_processor_self_attention_block(diffusers_attention):
     compare_processors(attn, diffusers_attention.AttnProcessor2_0(), torch.randn(2, 32, 5, 3))
 
 
+def test_processor_keeps_a_contiguous_block_contiguous(diffusers_attention):
+    """diffusers' processor returns a channels_last sum for a contiguous 4-D input (the
+    projection's (B, N, C) output, transposed, comes first in `+ residual`), and each
+    convolution after it then copies its weight to channels_last on every call.  Ours
+    adds the residual first: a contiguous output, the same values bit for bit."""
+    attn = seeded(diffusers_attention.Attention(
+        32, heads=2, dim_head=16, norm_num_groups=8, residual_connection=True, bias=True,
+        _from_deprecated_attn_block=True))
+    x = torch.randn(2, 32, 4, 6)
+    outs = []
+    for processor in (diffusers_attention.AttnProcessor2_0(), FastdiffAttnProcessor()):
+        attn.set_processor(processor)
+        with torch.no_grad():
+            outs.append(attn(x))
+    assert outs[0].is_contiguous(memory_format=torch.channels_last)  # what diffusers does
+    assert outs[1].is_contiguous()
+    assert torch.equal(outs[1], outs[0])
+
+
 def test_processor_cross_attention_and_mask(diffusers_attention):
     attn = seeded(diffusers_attention.Attention(32, cross_attention_dim=24, heads=4, dim_head=8,
                                                 cross_attention_norm="layer_norm", qk_norm="layer_norm"))
