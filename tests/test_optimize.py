@@ -240,6 +240,38 @@ def test_diffusers_unet2d(time_embedding_norm):
     assert "" in report.patched[DiffusersUNetOutputHead.kind]
 
 
+def test_diffusers_unet2d_convolutions_see_contiguous_inputs():
+    """diffusers' attention blocks hand channels_last on (each later convolution then
+    copies its weight per call); after optimize every convolution of a contiguous
+    UNet2DModel forward gets a contiguous input, and the output is the same."""
+    diffusers = _diffusers()
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+        layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+
+    def conv_inputs():
+        seen = []
+        hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+                 for m in model.modules() if isinstance(m, nn.Conv2d)]
+        with torch.no_grad():
+            out = model(x, t).sample
+        for h in hooks:
+            h.remove()
+        return seen, out
+
+    before, expected = conv_inputs()
+    assert not all(before)  # what diffusers' own processor does
+    fastdiff.optimize(model)
+    after, got = conv_inputs()
+    assert len(after) == len(before) and all(after)
+    assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_diffusers_unet2d_condition():
     diffusers = _diffusers()
     model = diffusers.UNet2DConditionModel(
