@@ -245,7 +245,6 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 _EAGER = _backend.EagerOp("linear_attention", _forward, _setup_context, _backward)
 
 
-
 def _kept_softmaxes_forward(ctx, q, k, v, scale):
     p, kk, context = ref.softmaxes_and_context(q, k, v)
     ctx.save_for_backward(q, k, v, context, p, kk)
@@ -262,9 +261,8 @@ def _kept_softmaxes_backward(ctx, grad_out):
                                             ctx.scale / k.shape[-1], mask)
         return (*(None if g is None else g.contiguous() for g in grads), None)
     # create_graph: the registered backward, as on the op's other paths (it needs the lse)
-    lse = k.to(kk.dtype).amax(dim=-1) - torch.log(kk.amax(dim=-1))
-    grads = _backend.run_backward(ctx, "linear_attention_backward", _backward_body,
-                                  grad_out, q, k, v, context, lse, ctx.scale, list(mask))
+    grads = _backend.run_backward(ctx, "linear_attention_backward", _backward_body, grad_out,
+                                  q, k, v, context, ref.lse_from_softmax(k, kk), ctx.scale, list(mask))
     return (*(g if m else None for g, m in zip(grads, mask)), None)
 
 

@@ -80,10 +80,14 @@ def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """(out, C, lse): out (B, H, E, Nq) in q's dtype; C = softmax(k) v^T (B, H, D, E)
     and lse = logsumexp(k) (B, H, D) in the opmath dtype."""
     p, kk, context = softmaxes_and_context(q, k, v)
-    # lse = max_n k - log max_n K: the largest K is exp(0) / sum exp(k - max)
-    # >= 1 / Nk (no underflow); two max passes cost less than logsumexp + exp
-    lse = k.to(kk.dtype).amax(dim=-1) - torch.log(kk.amax(dim=-1))  # (B, H, D)
-    return output(p, context, scale / k.shape[-1], q.dtype), context, lse
+    return output(p, context, scale / k.shape[-1], q.dtype), context, lse_from_softmax(k, kk)
+
+
+def lse_from_softmax(k: torch.Tensor, kk: torch.Tensor) -> torch.Tensor:
+    """logsumexp_N(k) (B, H, D) given K = softmax_N(k): max_n k - log max_n K.  The
+    largest K is exp(0) / sum exp(k - max) >= 1 / Nk (no underflow); two max passes
+    cost less than logsumexp + exp."""
+    return k.to(kk.dtype).amax(dim=-1) - torch.log(kk.amax(dim=-1))
 
 
 def linear_attention_backward(
