@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .ops.steps import _alphas_from_minus_one, _check_below, _kept_table, _rows, _timesteps
+from .ops.steps import (_alphas_from_minus_one, _check_below, _kept_alphas, _kept_table, _rows,
+                         _table_row, _timesteps)
 from .reference import opmath_dtype
 
 __all__ = [
@@ -161,7 +162,7 @@ def ddpm_loss(
     t = _timesteps("timesteps", timesteps, batch, device)
     _check_below("ddpm_loss", "timesteps", t, ab.shape[0])
     if objective == "v" or min_snr_gamma is not None:
-        row = t.clamp(min=-1) + 1
+        row = _table_row(t)
     if objective == "v":
         acc = opmath_dtype(x0.dtype)
         # One pass, two outputs: out = a x0 + s ε (x_t) and "x0" = a ε - s x0 (v), with
@@ -178,8 +179,7 @@ def ddpm_loss(
     per_sample = (pred.to(acc) - target.to(acc)).square().flatten(1).mean(1)
     if min_snr_gamma is not None:
         # ᾱ_t in the ops' coefficient dtype (float64; float32 on MPS)
-        ab_t = _kept_table(("alphas", 1.0, device), x0,
-                           lambda: _alphas_from_minus_one(ab, 1.0, device), ab)[row]
+        ab_t = _kept_alphas(ab, 1.0, device, x0)[row]
         snr = ab_t / (1 - ab_t)
         if objective == "eps":
             weight = (min_snr_gamma / snr).clamp(max=1.0)  # min(SNR, γ)/SNR, 1 at SNR = 0

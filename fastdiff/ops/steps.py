@@ -175,6 +175,23 @@ def _kept_table(key: tuple, like: torch.Tensor, make, source: torch.Tensor) -> t
     return _TABLES.get(key, like, make, source=source)
 
 
+def _table_row(t: torch.Tensor) -> torch.Tensor:
+    """The row of timesteps t in the (T + 1)-row tables: t + 1, and row 0 for any t < 0."""
+    return t.clamp(min=-1) + 1
+
+
+def _kept_alphas(alphas_cumprod: torch.Tensor, final, device: torch.device,
+                 like: torch.Tensor) -> torch.Tensor:
+    """The :func:`_alphas_from_minus_one` table, kept while ``alphas_cumprod`` lives
+    unmodified (made afresh for a tensor ``final`` and under torch.compile)."""
+    def make():
+        return _alphas_from_minus_one(alphas_cumprod, final, device)
+
+    if not _host_numbers(final):
+        return make()
+    return _kept_table(("alphas", float(final), device), like, make, alphas_cumprod)
+
+
 def _host_numbers(*values) -> bool:
     """All plain Python numbers, and not under torch.compile (which traces the rows as
     device ops: the host rows' bookkeeping would break the graph)."""
@@ -330,7 +347,7 @@ def _alphas_from_minus_one(alphas_cumprod: torch.Tensor, final, device: torch.de
 def _alphas_at(ab: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor) -> torch.Tensor:
     """(ᾱ_t, ᾱ_prev), a (2, B) tensor, in one gather from an
     :func:`_alphas_from_minus_one` table (any t < 0 reads its ``final``)."""
-    return ab[(torch.stack((t, prev_t)) + 1).clamp_(min=0)]
+    return ab[_table_row(torch.stack((t, prev_t)))]
 
 
 def _timestep_step(coefs_fn, key, model_output, timestep, sample, alphas_cumprod, prev_timestep,
@@ -376,19 +393,13 @@ def _timestep_step(coefs_fn, key, model_output, timestep, sample, alphas_cumprod
                 ab_prev = torch.cat([ab[:1], ab[:-1]])  # entry t + 1: ᾱ at t - 1
                 return coefs_fn(ab, ab_prev, torch.arange(-1, length, device=device)).to(acc)
 
-            coefs = make() if not keep else _TABLES.get(
-                key + ("rows", float(final_alpha_cumprod), device, acc), sample, make,
-                source=alphas_cumprod)
-            index = t.clamp(min=-1) + 1
+            coefs = make() if not keep else _kept_table(
+                key + ("rows", float(final_alpha_cumprod), device, acc), sample, make, alphas_cumprod)
+            index = _table_row(t)
         else:
             prev_t = _timesteps("prev_timestep", prev_timestep, batch, device)
             _check_below(step, "prev_timestep", prev_t, length)
-
-            def make():
-                return _alphas_from_minus_one(alphas_cumprod, final_alpha_cumprod, device)
-
-            ab = make() if not keep else _TABLES.get(
-                ("alphas", float(final_alpha_cumprod), device), sample, make, source=alphas_cumprod)
+            ab = _kept_alphas(alphas_cumprod, final_alpha_cumprod, device, sample)
             coefs, index = coefs_fn(*_alphas_at(ab, t, prev_t), t), None
     return sampler_step(sample, model_output, coefs, index, noise=noise, seed=seed,
                         guidance_scale=guidance_scale, clip_range=_clip_range(clip_sample_range),
@@ -484,7 +495,7 @@ def add_noise(
         return _forward_rows(_alphas_from_minus_one(alphas_cumprod, 1.0, x.device)).to(acc)
 
     table = _kept_table(("add_noise", x.device, acc), x, make, alphas_cumprod)
-    return sampler_step(x, None, table, t.clamp(min=-1) + 1, noise=noise)
+    return sampler_step(x, None, table, _table_row(t), noise=noise)
 
 
 # --------------------------------------------------------------------------
