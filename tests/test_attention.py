@@ -305,7 +305,7 @@ def test_auto_dispatch_on_cpu_is_sdpa():
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd", "bhdn"])
-def test_cpu_gradients_are_the_flash_kernels(layout):
+def test_cpu_gradients_are_the_flash_kernels(layout, monkeypatch):
     """On CPU the gradients are laid out (B, N, H, D) whatever the inputs' layout, the
     flash backward's layout: its tensors are returned without a copy, registered op and
     eager path alike (the fake agrees: see test_opcheck / test_compiles_without_graph_break)."""
@@ -324,8 +324,6 @@ def test_cpu_gradients_are_the_flash_kernels(layout):
     bnhd_strides = (n * h * d, d, h * d, 1)
     expected = ref.attention_backward(do.double(), q.double(), k.double(), v.double(),
                                       *(t.double() for t in attention_ops._forward(q, k, v, 0.3)), 0.3)
-    copies = []
-    real_copy = torch.Tensor.copy_
     for force in (False, True):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         with (_backend.force_dispatcher() if force else contextlib.nullcontext()):
@@ -335,11 +333,11 @@ def test_cpu_gradients_are_the_flash_kernels(layout):
             assert got.stride() == bnhd_strides
             assert_close(got, e.float(), truth=e, rtol=1e-4, atol=1e-6)
     o, lse = attention_ops._forward(q, k, v, 0.3)
-    try:
-        torch.Tensor.copy_ = lambda self, src, *a, **kw: copies.append(self) or real_copy(self, src, *a, **kw)
-        out = attention_ops._backward_body(do, q, k, v, o, lse, 0.3, [True, True, True])
-    finally:
-        torch.Tensor.copy_ = real_copy
+    copies, real_copy = [], torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_",
+                        lambda self, src, *a, **kw: copies.append(self) or real_copy(self, src, *a, **kw))
+    out = attention_ops._backward_body(do, q, k, v, o, lse, 0.3, [True, True, True])
+    monkeypatch.undo()
     assert copies == [] and all(t.stride() == bnhd_strides for t in out)
 
 
