@@ -62,6 +62,12 @@ def _call(op, a):
 
 OPS = ["sampler_step", "group_norm_silu", "rms_norm_silu", "attention", "linear_attention"]
 BACKWARD_OPS = {"group_norm_silu", "rms_norm_silu", "attention", "linear_attention"}
+# Ops whose eager training path on CPU (auto backend) records a C++ autograd node
+# instead of the Python one: one fastdiff._C call (the struct in
+# csrc/bindings.cpp), or SDPA's CPU flash op with torch's own autograd.
+CPP_NODES = {"group_norm_silu": "GroupNormSiluEager", "rms_norm_silu": "RmsNormSiluEager"}
+NATIVE_NODES = {**CPP_NODES, "attention": "ScaledDotProductFlashAttentionForCpuBackward0"}
+_NO_DOUBLE_BACKWARD = {"attention": "derivative for .* is not implemented"}
 
 
 def _outputs(res):
@@ -178,7 +184,7 @@ def test_autocast_and_checkpoint_see_the_same_op_on_both_paths(op, backend):
             assert torch.equal(fast, slow), name
 
 
-@pytest.mark.parametrize("op", sorted(BACKWARD_OPS))
+@pytest.mark.parametrize("op", sorted(BACKWARD_OPS - set(NATIVE_NODES)))
 def test_double_backward_keeps_the_dispatcher(op, dispatcher_calls):
     """create_graph=True records the backward op: it must go through the dispatcher
     (the forward ran in the eager autograd.Function)."""
@@ -234,7 +240,77 @@ def test_grad_needed_takes_the_eager_autograd_function(op, dispatcher_calls):
     statistics outputs non-differentiable)."""
     out = _outputs(_call(op, _inputs(op, requires_grad=True)))[0]
     assert dispatcher_calls == []
+    if op in NATIVE_NODES:  # a C++ node on CPU tensors (auto backend)
+        name = out.grad_fn.name()
+        assert name == NATIVE_NODES[op] or name.endswith(f"{NATIVE_NODES[op]}>"), name
+        if op == "attention":
+            return  # the Python Function runs it on the triton backend (CUDA)
+        with use_backend("torch"):  # the Python Function where the torch backend runs it
+            out = _call(op, _inputs(op, requires_grad=True))
     assert type(out.grad_fn).__name__.startswith(f"{op}_eager")
+
+
+@pytest.mark.parametrize("op", sorted(NATIVE_NODES))
+def test_double_backward_through_the_native_node_raises(op, dispatcher_calls):
+    """create_graph=True through the C++ node: the first-order gradients are the plain
+    backward's, and differentiating them raises (never a silently missing term)."""
+    a = _inputs(op, requires_grad=True)
+    grads = torch.autograd.grad(_call(op, a).sum(), list(a.values()), create_graph=True)
+    plain = torch.autograd.grad(_call(op, a).sum(), list(a.values()))
+    for g, p in zip(grads, plain, strict=True):
+        assert g.requires_grad and torch.equal(g, p)
+    with pytest.raises(RuntimeError, match=_NO_DOUBLE_BACKWARD.get(op, f"fastdiff.{op}: no double backward")):
+        sum(g.sum() for g in grads).backward()
+    assert dispatcher_calls == []
+
+
+_PRESENCE = [  # which optional inputs are given / require grad
+    dict(given=("weight", "bias", "emb", "scale", "shift"), frozen=()),
+    dict(given=("bias", "scale"), frozen=()),
+    dict(given=("weight", "emb", "shift"), frozen=("x", "emb")),
+    dict(given=(), frozen=()),
+    dict(given=("weight", "bias", "emb", "scale", "shift"), frozen=("weight", "bias", "scale")),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_PRESENCE)))
+@pytest.mark.parametrize("op", sorted(CPP_NODES))
+def test_cpp_node_gradients_with_absent_and_frozen_inputs(op, case):
+    """The C++ node maps each present input to its autograd edge: with optional inputs
+    left out and some not requiring grad, every gradient equals the dispatcher path's
+    (and an input that does not require grad gets none), x contiguous and channels_last."""
+    given, frozen = _PRESENCE[case]["given"], _PRESENCE[case]["frozen"]
+    for channels_last in (False, True):
+        grads = []
+        for force in (False, True):
+            a = {k: v for k, v in _inputs(op).items() if k == "x" or k in given}
+            if channels_last:
+                a["x"] = a["x"].contiguous(memory_format=torch.channels_last)
+            for k, v in a.items():
+                v.requires_grad_(k not in frozen)
+            full = dict.fromkeys(("weight", "bias", "emb", "scale", "shift"))
+            full.update(a)
+            ctx = _backend.force_dispatcher() if force else contextlib.nullcontext()
+            with ctx:
+                if op == "group_norm_silu":
+                    out = fastdiff.ops.group_norm_silu(full["x"], 4, full["weight"], full["bias"],
+                                                       emb=full["emb"], scale=full["scale"],
+                                                       shift=full["shift"])
+                else:
+                    out = fastdiff.ops.rms_norm_silu(full["x"], full["weight"], scale=full["scale"],
+                                                     shift=full["shift"])
+            if not force and any(v.requires_grad for v in a.values()):
+                assert out.grad_fn.name().endswith(f"{CPP_NODES[op]}>")
+            if out.requires_grad:
+                out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+            grads.append({k: v.grad for k, v in a.items()})
+            assert out.stride() == a["x"].stride()
+        for k in grads[0]:
+            if k in frozen:
+                assert grads[0][k] is None and grads[1][k] is None
+            else:
+                assert grads[0][k].stride() == grads[1][k].stride(), k
+                assert torch.equal(grads[0][k], grads[1][k]), k
 
 
 def test_module_parameters_keep_the_fast_path(dispatcher_calls):
@@ -447,3 +523,41 @@ def test_coefficient_rows_are_those_of_the_column_writes(cols):
     rows = steps._rows(a.shape, a, **c)
     assert rows.stride() == ref.stride() and rows.dtype == ref.dtype
     assert torch.equal(rows.view(torch.int64), ref.view(torch.int64))
+
+
+@pytest.mark.parametrize("layout", ["dense", "bnhd", "qkv-unbind", "sliced", "column-strided"])
+def test_attention_cpu_native_node_matches_the_registered_op(layout):
+    """SDPA's CPU flash op with its own autograd (the eager training path on CPU) gives
+    the registered op's o (values and strides) and gradients, bit for bit, for q / k / v
+    of every layout the op takes."""
+    g = torch.Generator().manual_seed(1)
+    B, H, N, D = 2, 3, 11, 8
+
+    def inputs():
+        if layout == "dense":
+            return [torch.randn(B, H, N, D, generator=g) for _ in range(3)]
+        if layout == "bnhd":
+            return [torch.randn(B, N, H, D, generator=g).transpose(1, 2) for _ in range(3)]
+        if layout == "qkv-unbind":  # views of a fused (B, N, 3, H, D) projection
+            return list(torch.randn(B, N, 3, H, D, generator=g).permute(2, 0, 3, 1, 4).unbind(0))
+        if layout == "sliced":  # every other position: not dense
+            return [torch.randn(B, H, 2 * N, D, generator=g)[:, :, ::2] for _ in range(3)]
+        return [torch.randn(B, H, D, N, generator=g).transpose(-1, -2) for _ in range(3)]
+
+    results = []
+    for force in (False, True):
+        g.manual_seed(1)
+        leaves = [t.detach().requires_grad_() for t in inputs()]
+        ctx = _backend.force_dispatcher() if force else contextlib.nullcontext()
+        with ctx:
+            o = fastdiff.ops.attention(*leaves)
+        if not force:  # SDPA's node, behind a copy into the op's layout for non-dense q
+            node = o.grad_fn
+            if node.name().endswith("CopyBackwards"):
+                node = node.next_functions[1][0]
+            assert node.name() == "ScaledDotProductFlashAttentionForCpuBackward0", node.name()
+        o.backward(torch.linspace(-1, 1, o.numel()).reshape(o.shape))
+        results.append([o.detach()] + [t.grad for t in leaves])
+    for fast, slow in zip(*results, strict=True):
+        assert fast.stride() == slow.stride()
+        assert torch.equal(fast, slow)

@@ -217,6 +217,14 @@ def _whole_body(impl: _backend.Impl, x: torch.Tensor, symbol: str = "group_norm_
     return ext if hasattr(ext, symbol) else None
 
 
+def _cpp_autograd(op: str, impls, x: torch.Tensor, symbol: str, backends: tuple = ("cpu", "cuda")):
+    """fastdiff._C, whose ``symbol`` runs op's eager training step in C++ (the whole
+    forward body, and an autograd node whose backward is the whole backward body),
+    when the op's forward would run those bodies (:func:`_whole_body`); else None.
+    Call only in eager_mode "autograd"."""
+    return _whole_body(_backend.select(op, impls, x.device, {}), x, symbol, backends)
+
+
 def _forward(x, num_groups, weight, bias, eps, emb, scale, shift, act):
     """The forward op's body on validated inputs: what the registered op and
     the eager fast path of :func:`group_norm_silu` both run."""
@@ -346,4 +354,10 @@ def group_norm_silu(
     """
     _validate(x, num_groups, weight, bias, eps, emb, scale, shift, act)
     args = (x, num_groups, weight, bias, float(eps), emb, scale, shift, _act_name(act))
-    return _EAGER((x, weight, bias, emb, scale, shift), *args)[0]
+    mode = _backend.eager_mode(x, weight, bias, emb, scale, shift)
+    if mode == "autograd":
+        ext = _cpp_autograd("fastdiff::group_norm_silu", _FWD, x, "group_norm_silu_autograd")
+        if ext is not None:
+            return ext.group_norm_silu_autograd(x, weight, bias, emb, scale, shift, num_groups,
+                                                float(eps), _act_name(act))
+    return _EAGER.run(mode, *args)[0]

@@ -25,6 +25,7 @@ from ..reference import rms_norm as ref
 from .group_norm import (
     _act_name,
     _check_channel_inputs,
+    _cpp_autograd,
     _fake_grads,
     _grad_buffers,
     _grad_results,
@@ -258,4 +259,9 @@ def rms_norm_silu(
     """
     _validate(x, weight, eps, scale, shift, act)
     args = (x, weight, float(eps), scale, shift, _act_name(act))
-    return _EAGER((x, weight, scale, shift), *args)[0]
+    mode = _backend.eager_mode(x, weight, scale, shift)
+    if mode == "autograd":
+        ext = _cpp_autograd("fastdiff::rms_norm_silu", _FWD, x, "rms_norm_silu_autograd", ("cpu",))
+        if ext is not None:
+            return ext.rms_norm_silu_autograd(x, weight, scale, shift, float(eps), _act_name(act))
+    return _EAGER.run(mode, *args)[0]
