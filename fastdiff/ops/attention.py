@@ -91,15 +91,17 @@ def _torch_fwd(q, k, v, scale, o, lse):
     return o, lse
 
 
-def _sdpa_cpu_autograd(q, k, v, scale):
-    """Eager training on CPU with the torch backend: SDPA's CPU flash op with its own
-    (C++) autograd node.  Forward and backward run the kernels :func:`_torch_fwd` /
-    :func:`_torch_bwd` run, on the same inputs, so outputs and gradients are the
-    registered op's; what is skipped is the Python autograd.Function around them
-    (~150 µs of host time per call)."""
-    o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        *(_rows_dense(t) for t in (q, k, v)), 0.0, False, scale=scale
-    )[0]
+_SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def _sdpa_cpu(q, k, v, scale):
+    """An eager call on CPU with the torch backend: SDPA's CPU flash op, with its own
+    (C++) autograd node when grad is needed.  Forward and backward run the kernels
+    :func:`_torch_fwd` / :func:`_torch_bwd` run, on the same inputs, so outputs and
+    gradients are the registered op's; what is skipped is the Python around them
+    (the lse and o buffers, the autograd.Function: ~10 µs per no-grad call, ~150 µs
+    per training call)."""
+    o = _SDPA_CPU(*(_rows_dense(t) for t in (q, k, v)), 0.0, False, scale=scale)[0]
     if o.stride() != q.stride():  # q not dense: the op's o is laid out as empty_like(q)
         o = empty_like(q).copy_(o)
     return o
@@ -355,8 +357,8 @@ def attention(
     _validate(q, k, v, scale)
     s = ref.default_scale(q.shape[-1]) if scale is None else float(scale)
     mode = _backend.eager_mode(q, k, v)
-    if mode == "autograd" and q.device.type == "cpu" and q.numel() > 0 and k.shape[2] > 0:
+    if mode is not None and q.device.type == "cpu" and q.numel() > 0 and k.shape[2] > 0:
         impl = _backend.select("fastdiff::attention", _FWD, q.device, dict(q=q, k=k, v=v))
         if impl.backend == "torch":
-            return _sdpa_cpu_autograd(q, k, v, s)
+            return _sdpa_cpu(q, k, v, s)
     return _EAGER.run(mode, q, k, v, s)[0]

@@ -303,7 +303,11 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     _validate(q, k, v, scale)
     s = ref.default_scale(q) if scale is None else scale
     mode = _backend.eager_mode(q, k, v)
-    if mode == "autograd" and not _degenerate(q, v) and _backend.select(
+    if mode is not None and not _degenerate(q, v) and _backend.select(
             "fastdiff::linear_attention", _FWD, q.device, dict(q=q, k=k, v=v)).backend == "torch":
-        return _KEPT_SOFTMAXES.apply(q, k, v, float(s))
+        if mode == "autograd":
+            return _KEPT_SOFTMAXES.apply(q, k, v, float(s))
+        # no graph: only out, not the context / lse the registered op returns (the same bits)
+        p, _, context = ref.softmaxes_and_context(q, k, v)
+        return ref.output(p, context, float(s) / k.shape[-1], q.dtype).contiguous()
     return _EAGER.run(mode, q, k, v, s)[0]
