@@ -84,7 +84,8 @@ void check_args(const SamplerStepArgs& a) {
                 "sampler_step: index must be a contiguous (", batch, ",) int64 tensor on ",
                 out.device());
   } else {
-    TORCH_CHECK(coefs.size(0) == batch, "sampler_step: without index, coefs needs ", batch,
+    TORCH_CHECK(coefs.size(0) == batch || coefs.size(0) == 1,
+                "sampler_step: without index, coefs needs 1 or ", batch,
                 " rows (one per sample), got ", coefs.size(0));
   }
   if (a.seed.has_value()) {

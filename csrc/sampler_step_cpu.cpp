@@ -81,6 +81,7 @@ struct Inputs {
   scalar_t* x0_out;
   const acc_t* coefs;    // (R, NUM_COEFS)
   const int64_t* index;  // (B,)
+  bool one_row;          // no index and R == 1: row 0 for every sample
   acc_t w;               // guidance scale
   acc_t lo, hi;          // clip bounds, -inf / +inf when absent
 };
@@ -324,7 +325,7 @@ void run_specialised(const Inputs<scalar_t, acc_t>& in, int64_t numel, int64_t p
     while (i < end) {
       const int64_t b = i / per_sample;
       const int64_t run_end = std::min(end, (b + 1) * per_sample);
-      const int64_t row = in.index != nullptr ? in.index[b] : b;
+      const int64_t row = in.index != nullptr ? in.index[b] : (in.one_row ? 0 : b);
       const acc_t* c = in.coefs + row * NUM_COEFS;
       while (i < run_end) {
         const int64_t len = std::min(kBlock, run_end - i);
@@ -374,6 +375,7 @@ void run(const SamplerStepArgs& a) {
   in.x0_out = a.x0_out.has_value() ? a.x0_out->mutable_data_ptr<scalar_t>() : nullptr;
   in.coefs = a.coefs.const_data_ptr<acc_t>();
   in.index = data_or_null<int64_t>(a.index);
+  in.one_row = a.coefs.size(0) == 1;
   // Scalars are rounded to the arithmetic type first, as torch does for a
   // Python scalar operand.
   in.w = static_cast<acc_t>(a.guidance_scale.value_or(0.0));

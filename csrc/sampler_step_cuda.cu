@@ -106,7 +106,7 @@ struct Row {
 // assert and is clamped, so it never reads outside coefs.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ Row<acc_t> load_row(const Params<scalar_t, acc_t>& p, int64_t b) {
-  int64_t row = b;
+  int64_t row = p.rows == 1 ? 0 : b;  // without index: row b, or row 0 when R == 1
   if (p.index != nullptr) {
     row = p.index[b];
     CUDA_KERNEL_ASSERT(row >= 0 && row < p.rows);

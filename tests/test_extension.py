@@ -230,6 +230,18 @@ def test_index_in_range_runs():
     torch.testing.assert_close(a["out"], want)
 
 
+def test_one_row_without_index_serves_every_sample():
+    """A single coefficient row (what the kept-row steps pass) is read for every
+    sample; another row count that is not the batch is refused."""
+    a = _direct_args(batch=3, rows=1)
+    _C.sampler_step(**a)
+    want, _ = ref.sampler_step(a["x"], a["model_output"], a["coefs"].expand(3, -1), None)
+    torch.testing.assert_close(a["out"], want)
+    a = _direct_args(batch=3, rows=2)
+    with pytest.raises(RuntimeError, match="coefs needs 1 or 3"):
+        _C.sampler_step(**a)
+
+
 @pytest.mark.parametrize(
     "change, match",
     [

@@ -160,8 +160,8 @@ def sampler_step_fwd_kernel(
         # reading outside coefs.
         o_r = tl.load(index + o_b, mask=m_b, other=0)
         o_r = tl.minimum(tl.maximum(o_r, 0), R - 1)
-    else:
-        o_r = o_b
+    else:  # row b, or row 0 for every sample when there is one row (a kept step's)
+        o_r = tl.where(R == 1, 0, o_b)
     p_c = coefs + o_r * NUM_COEFS
     # [BLOCK_B, 1] coefficient columns, broadcast over the tile's elements
     b_ax = tl.load(p_c + A_X, mask=m_b, other=0)[:, None]

@@ -192,8 +192,6 @@ def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _canonicalize(x, model_output, coefs, index, prev, prev2, noise, seed, out):
     acc = ref.opmath_dtype(x.dtype)
-    if index is None and coefs.shape[0] != x.shape[0]:
-        coefs = coefs.expand(x.shape[0], NUM_COEFS)
     return dict(
         x=_conform(x, out),
         model_output=_conform(model_output, out),
