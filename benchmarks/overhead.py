@@ -11,6 +11,7 @@ PyTorch ops (what a user of plain PyTorch pays per call).
     python benchmarks/overhead.py            # table
     python benchmarks/overhead.py --profile  # plus a cProfile of a few rows
     python benchmarks/overhead.py --device cuda --profile   # on a GPU: raw = the Triton launch
+    python benchmarks/overhead.py --models   # plus the host cost per call of the e2e U-Nets
 
 On CUDA each block of calls ends with a synchronize, so a row is the host cost
 per call as long as the GPU keeps up (these kernels run for a few µs); the raw
@@ -193,6 +194,77 @@ def cases(device: str = "cpu"):
            lambda: _eager_linear_attention(lqg, lkg, lvg).sum().backward())
 
 
+def _tiny_models(device: str):
+    """[(arch, impl, model)]: the e2e benchmark's U-Nets (test_bench_e2e: the 1.x and 2.x
+    DDPM U-Nets, diffusers' google/ddpm-cifar10-32 UNet2DModel) with their module
+    structure -- so the same op calls per forward -- at width 8 (dim 8 / channels 16-32),
+    eager and ``fastdiff.optimize`` (and ``fastdiff.nn.UNet`` for 1.x), identical weights."""
+    import test_bench_e2e as e2e
+
+    from fastdiff.nn.unet import UNet
+
+    e2e.CONFIG = dict(dim=8, dim_mults=(1, 2, 4, 8))
+    e2e.DIFFUSERS_CONFIG = dict(e2e.DIFFUSERS_CONFIG, block_out_channels=(16, 32, 32, 32),
+                                norm_num_groups=8)
+    out = []
+    for arch in ("v1", "v2", "diffusers"):
+        torch.manual_seed(0)
+        ref_model = e2e._new_model(arch).to(device)
+        opt = e2e._new_model(arch).to(device)
+        opt.load_state_dict(ref_model.state_dict())
+        out += [(arch, "eager", ref_model), (arch, "optimize", fastdiff.optimize(opt))]
+        if arch == "v1":
+            fused = UNet(**e2e.CONFIG).to(device)
+            fused.load_state_dict(ref_model.state_dict())
+            out.append((arch, "fastdiff", fused))
+    return out
+
+
+def run_models(device: str = "cpu", rounds: int = 15, block: int = 10) -> None:
+    """Host cost per model call: the e2e U-Nets at width 8 on a 1x3x8x8 batch, where the
+    kernels take next to nothing, so a call's time is the Python + dispatch of its op
+    calls -- what a GPU waits on when the host cannot keep ahead of it.  Rounds
+    interleave the models (this shared machine's speed drifts); median and min of the
+    rounds, ms per call."""
+    rows = _tiny_models(device)
+    x = torch.randn(1, 3, 8, 8, device=device)
+    t = torch.tensor([10], device=device)
+
+    def calls(model):
+        def sample():
+            with torch.no_grad():
+                model(x, t)
+
+        def train():
+            model.zero_grad(set_to_none=True)
+            model(x, t).sum().backward()
+        return sample, train
+
+    fns = [(arch, impl, *calls(m)) for arch, impl, m in rows]
+    times = {(arch, impl): ([], []) for arch, impl, *_ in fns}
+    for _, _, sample, train in fns:
+        for _ in range(3):
+            sample()
+            train()
+    for _ in range(rounds):
+        for arch, impl, sample, train in fns:
+            for i, fn in enumerate((sample, train)):
+                _sync()
+                t0 = time.perf_counter()
+                for _ in range(block):
+                    fn()
+                _sync()
+                times[arch, impl][i].append((time.perf_counter() - t0) / block * 1e3)
+    print(f"\nhost cost per model call (width-8 U-Nets, 1x3x8x8, {device}); ms, median (min) "
+          f"of {rounds} interleaved rounds")
+    header = f"{'model':<10} {'impl':<9} {'no_grad call':>18} {'fwd+bwd':>18}"
+    print(header)
+    print("-" * len(header))
+    for (arch, impl), (s, b) in times.items():
+        print(f"{arch:<10} {impl:<9} {statistics.median(s):9.2f} ({min(s):6.2f}) "
+              f"{statistics.median(b):9.2f} ({min(b):6.2f})", flush=True)
+
+
 def run(profile: bool, device: str = "cpu") -> None:
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}; µs per call (median)")
@@ -235,6 +307,13 @@ if __name__ == "__main__":
     p.add_argument("--profile", action="store_true", help="also print cProfile of the no_grad rows")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--models", action="store_true",
+                   help="also the host cost per call of the e2e U-Nets at width 8 "
+                        "(needs diffusers; denoising-diffusion-pytorch is the test copy)")
+    p.add_argument("--models-only", action="store_true", help="only that table")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    run(a.profile, a.device)
+    if not a.models_only:
+        run(a.profile, a.device)
+    if a.models or a.models_only:
+        run_models(a.device)

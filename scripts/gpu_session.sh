@@ -73,6 +73,9 @@ stage_sanitize() {
 stage_overhead() {
     timeout 300 python3 benchmarks/overhead.py --device cuda --profile >"$OUT/overhead.log" 2>&1
     echo "overhead: rc $?"; sed -n 1,16p "$OUT/overhead.log"
+    # host cost per call of the e2e U-Nets at width 8 (eager / optimize / fastdiff.nn.UNet)
+    timeout 300 python3 benchmarks/overhead.py --device cuda --models-only >"$OUT/overhead_models.log" 2>&1
+    echo "overhead --models: rc $?"; cat "$OUT/overhead_models.log" | tail -12
 }
 
 # Kernel time vs wall time per training / sampling step of the e2e U-Net, by kernel name:
