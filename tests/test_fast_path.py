@@ -561,3 +561,29 @@ def test_attention_cpu_native_node_matches_the_registered_op(layout):
     for fast, slow in zip(*results, strict=True):
         assert fast.stride() == slow.stride()
         assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("op", sorted(NATIVE_NODES))
+def test_native_node_detects_a_modified_saved_input(op):
+    """The C++ nodes save their inputs through autograd's saved variables: an input
+    modified in place after the forward makes the backward raise (never gradients
+    from the modified values); retain_graph allows a second backward with the same
+    gradients."""
+    a = _inputs(op, requires_grad=True)
+    out = _call(op, a)
+    out.sum().backward(retain_graph=True)
+    first = [t.grad.clone() for t in a.values()]
+    for t in a.values():
+        t.grad = None
+    out.sum().backward()
+    for t, g in zip(a.values(), first, strict=True):
+        assert torch.equal(t.grad, g)
+    a = _inputs(op, requires_grad=False)
+    name = next(iter(a))
+    for k, t in a.items():
+        t.requires_grad_(k != name)  # the first input is saved but is not a leaf needing grad
+    out = _call(op, a)
+    with torch.no_grad():
+        a[name].add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
