@@ -119,6 +119,19 @@ def test_fast_and_dispatcher_paths_are_bit_identical(op, backend, dispatcher_cal
 
 
 @pytest.mark.parametrize("op", OPS)
+def test_fast_path_under_autocast_is_the_dispatchers(op, dispatcher_calls):
+    """No grad under CPU autocast: the fast path computes what the registered op does
+    (the op's own precision, autocast off inside), bit for bit."""
+    a = _inputs(op)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = _call(op, a)
+        assert dispatcher_calls == []
+        with _backend.force_dispatcher():
+            slow = _call(op, a)
+    _same(fast, slow)
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_fast_path_under_inference_mode(op, dispatcher_calls):
     a = _inputs(op)
     with torch.inference_mode():

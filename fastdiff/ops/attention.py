@@ -94,13 +94,14 @@ def _torch_fwd(q, k, v, scale, o, lse):
 _SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
+@_backend.without_autocast
 def _sdpa_cpu(q, k, v, scale):
     """An eager call on CPU with the torch backend: SDPA's CPU flash op, with its own
     (C++) autograd node when grad is needed.  Forward and backward run the kernels
     :func:`_torch_fwd` / :func:`_torch_bwd` run, on the same inputs, so outputs and
     gradients are the registered op's; what is skipped is the Python around them
     (the lse and o buffers, the autograd.Function: ~10 µs per no-grad call, ~150 µs
-    per training call)."""
+    per training call).  Autocast is off inside, as in the registered op's body."""
     o = _SDPA_CPU(*(_rows_dense(t) for t in (q, k, v)), 0.0, False, scale=scale)[0]
     if o.stride() != q.stride():  # q not dense: the op's o is laid out as empty_like(q)
         o = empty_like(q).copy_(o)

@@ -278,6 +278,14 @@ _KEPT_SOFTMAXES = type("linear_attention_eager_kept", (torch.autograd.Function,)
 })
 
 
+@_backend.without_autocast
+def _output_only(q, k, v, scale):
+    """No graph on the torch backend: out alone, without the context / lse the
+    registered op also returns (the same bits as its out; autocast off, as there)."""
+    p, _, context = ref.softmaxes_and_context(q, k, v)
+    return ref.output(p, context, scale / k.shape[-1], q.dtype).contiguous()
+
+
 # --------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------
@@ -307,7 +315,5 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             "fastdiff::linear_attention", _FWD, q.device, dict(q=q, k=k, v=v)).backend == "torch":
         if mode == "autograd":
             return _KEPT_SOFTMAXES.apply(q, k, v, float(s))
-        # no graph: only out, not the context / lse the registered op returns (the same bits)
-        p, _, context = ref.softmaxes_and_context(q, k, v)
-        return ref.output(p, context, float(s) / k.shape[-1], q.dtype).contiguous()
+        return _output_only(q, k, v, float(s))
     return _EAGER.run(mode, q, k, v, s)[0]
