@@ -605,6 +605,25 @@ void once_differentiable(const char* op, variable_list& grads, const variable_li
   }
 }
 
+// The node's gradients: g[i] for each wanted tensor input i (the first
+// mask.size() forward arguments), undefined for the other ones of the
+// forward's `arguments` (not wanted, absent, or not tensors), then made
+// once-differentiable against grad_output and the saved inputs.
+variable_list node_grads(const char* op, const std::vector<at::Tensor>& g,
+                         const std::vector<bool>& mask, size_t arguments,
+                         const at::Tensor& grad_output, const variable_list& saved) {
+  variable_list grads(arguments);
+  variable_list inputs{grad_output};
+  for (size_t i = 0; i < mask.size(); ++i) {
+    if (mask[i]) {
+      grads[i] = g[i];
+    }
+    inputs.push_back(saved[i]);
+  }
+  once_differentiable(op, grads, inputs);
+  return grads;
+}
+
 // group_norm_silu: forward inputs (x, weight, bias, emb, scale, shift,
 // num_groups, eps, act); y is the one output (mean / rstd stay saved here).
 struct GroupNormSiluEager : public torch::autograd::Function<GroupNormSiluEager> {
@@ -631,16 +650,7 @@ struct GroupNormSiluEager : public torch::autograd::Function<GroupNormSiluEager>
         grad_outputs[0], saved[0], present(saved[1]), present(saved[2]), present(saved[3]),
         present(saved[4]), present(saved[5]), saved[6], saved[7],
         ctx->saved_data["num_groups"].toInt(), ctx->saved_data["act"].toStringRef(), mask);
-    variable_list grads(9);  // + undefined for num_groups, eps, act
-    for (size_t i = 0; i < 6; ++i) {
-      if (mask[i]) {
-        grads[i] = g[i];
-      }
-    }
-    once_differentiable("group_norm_silu", grads,
-                        {grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4],
-                         saved[5]});
-    return grads;
+    return node_grads("group_norm_silu", g, mask, 9, grad_outputs[0], saved);
   }
 };
 
@@ -675,15 +685,7 @@ struct RmsNormSiluEager : public torch::autograd::Function<RmsNormSiluEager> {
         grad_outputs[0], saved[0], present(saved[1]), ctx->saved_data["eps"].toDouble(),
         present(saved[2]), present(saved[3]), saved[4], ctx->saved_data["act"].toStringRef(),
         mask);
-    variable_list grads(6);  // + undefined for eps, act
-    for (size_t i = 0; i < 4; ++i) {
-      if (mask[i]) {
-        grads[i] = g[i];
-      }
-    }
-    once_differentiable("rms_norm_silu", grads,
-                        {grad_outputs[0], saved[0], saved[1], saved[2], saved[3]});
-    return grads;
+    return node_grads("rms_norm_silu", g, mask, 6, grad_outputs[0], saved);
   }
 };
 

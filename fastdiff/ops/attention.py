@@ -69,15 +69,21 @@ def _rows_dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+_SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def _flash_cpu(q, k, v, scale):
+    """(o, lse) of SDPA's CPU flash kernel on q, k, v with unit column strides."""
+    return _SDPA_CPU(*(_rows_dense(t) for t in (q, k, v)), 0.0, False, scale=scale)
+
+
 def _torch_fwd(q, k, v, scale, o, lse):
     """SDPA's (o, lse) where they already have the op's layouts (o like ``o``, lse
     contiguous: the fake's, so compiled graphs may rely on them), else copied into the
     preallocated ``o`` / ``lse``.  On CPU o comes out laid out like q, so the O(N D)
     copy is skipped for dense q; the flash kernel's lse is strided, its copy is O(N)."""
     if q.device.type == "cpu":
-        o_, lse_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *(_rows_dense(t) for t in (q, k, v)), 0.0, False, scale=scale
-        )
+        o_, lse_ = _flash_cpu(q, k, v, scale)
     else:
         o_, lse_ = _sdpa_and_reference_fwd(q, k, v, scale)
     if o_.dtype == o.dtype and o_.stride() == o.stride():
@@ -91,9 +97,6 @@ def _torch_fwd(q, k, v, scale, o, lse):
     return o, lse
 
 
-_SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-
-
 @_backend.without_autocast
 def _sdpa_cpu(q, k, v, scale):
     """An eager call on CPU with the torch backend: SDPA's CPU flash op, with its own
@@ -102,7 +105,7 @@ def _sdpa_cpu(q, k, v, scale):
     gradients are the registered op's; what is skipped is the Python around them
     (the lse and o buffers, the autograd.Function: ~10 µs per no-grad call, ~150 µs
     per training call).  Autocast is off inside, as in the registered op's body."""
-    o = _SDPA_CPU(*(_rows_dense(t) for t in (q, k, v)), 0.0, False, scale=scale)[0]
+    o = _flash_cpu(q, k, v, scale)[0]
     if o.stride() != q.stride():  # q not dense: the op's o is laid out as empty_like(q)
         o = empty_like(q).copy_(o)
     return o
